@@ -1,0 +1,251 @@
+"""``diffmic`` command line: a thin shell over the Python API.
+
+Every user error ends in one line on stderr (``diffmic: error: ...``) and a non-zero exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import logging
+import os
+import sys
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+from diffmic import __version__
+from diffmic.errors import ConfigError, DataError, DiffMICError
+
+DEFAULT_DATA = Path("..") / "shared" / "data" / "retinamnist.npz"  # relative to the working folder
+
+EXAMPLES = {
+    "train": "example:\n  diffmic train --config configs/retinamnist.yaml --set train.epochs=20",
+    "evaluate": "example:\n  diffmic evaluate --checkpoint runs/retinamnist/model.pt --split test --out test.json",
+    "predict": "example:\n  diffmic predict --checkpoint runs/retinamnist/model.pt img1.png img2.jpg --out preds.csv",
+    "config": "example:\n  diffmic config --config configs/retinamnist.yaml --set train.epochs=5",
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="diffmic",
+        description="DiffMIC: dual-guidance diffusion for medical image classification.",
+        epilog="run 'diffmic COMMAND --help' for the options of a command",
+    )
+    p.add_argument("--version", action="version", version=f"diffmic {__version__}")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    def add(name: str, help_: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help_, description=help_, epilog=EXAMPLES[name],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    def config_args(q: argparse.ArgumentParser) -> None:
+        q.add_argument("--config", type=Path, help="YAML config file (see configs/)")
+        q.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                       help="override a config value; repeatable")
+        q.add_argument("--data", help="dataset path (shortcut for --set data.path=...)")
+
+    t = add("train", "Train DiffMIC (DCG pre-training, joint diffusion training), select on "
+                     "validation, evaluate on test.")
+    config_args(t)
+    t.add_argument("--out", help="output folder (shortcut for --set train.out_dir=...)")
+    t.add_argument("--name", help="run name (shortcut for --set train.run_name=...)")
+
+    e = add("evaluate", "Evaluate a checkpoint on a dataset split (DCG prior and diffusion output).")
+    e.add_argument("--checkpoint", required=True, type=Path, help="model.pt or a Lightning .ckpt")
+    e.add_argument("--data", help="dataset path (default: the one stored in the checkpoint)")
+    e.add_argument("--format", help="dataset format if different from the checkpoint's")
+    e.add_argument("--split", default="test", choices=["train", "val", "test"])
+    e.add_argument("--samples", type=int, default=None, help="reverse chains per image")
+    e.add_argument("--sampler", choices=["ddim", "ancestral", "truncated"], default=None)
+    e.add_argument("--steps", type=int, default=None, help="sampling steps (denoiser calls)")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--out", type=Path, help="write the JSON report here (default: stdout)")
+
+    pr = add("predict", "Predict class probabilities for image files (PNG/JPEG/...).")
+    pr.add_argument("--checkpoint", required=True, type=Path, help="model.pt or a Lightning .ckpt")
+    pr.add_argument("images", nargs="+", type=Path, help="image files")
+    pr.add_argument("--samples", type=int, default=1, help="reverse chains per image")
+    pr.add_argument("--seed", type=int, default=0)
+    pr.add_argument("--out", type=Path, help="write a CSV here (default: stdout)")
+
+    c = add("config", "Print the resolved configuration as YAML.")
+    config_args(c)
+    return p
+
+
+def _load_cfg(args: argparse.Namespace, extra: list[str] | None = None):
+    from diffmic.config import DiffMICConfig
+
+    overrides = list(args.overrides)
+    if getattr(args, "data", None):
+        overrides.append(f"data.path={args.data}")
+    overrides += extra or []
+    return DiffMICConfig.from_yaml(args.config, overrides)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    extra = []
+    if args.out:
+        extra.append(f"train.out_dir={args.out}")
+    if args.name:
+        extra.append(f"train.run_name={args.name}")
+    cfg = _load_cfg(args, extra)
+    if not cfg.data.path:
+        if DEFAULT_DATA.is_file():
+            cfg.data.path = str(DEFAULT_DATA)
+        else:
+            raise ConfigError("no dataset given: use --data PATH (or data.path in the config)")
+    from diffmic.training.api import train
+
+    result = train(cfg)
+    if not result.metrics:
+        return 0
+    test = result.metrics["test"]
+    print(f"run folder: {result.run_dir}")
+    print(f"selected epoch (val/{cfg.train.select_metric}): {result.metrics['selected_epoch']}")
+    _print_table(test["guidance"], test["diffusion"], "test")
+    return 0
+
+
+def _print_table(guidance: dict, diffusion: dict, split: str) -> None:
+    keys = ["acc", "balanced_acc", "f1", "qwk", "auroc", "ece"]
+    print(f"{split:<10}" + "".join(f"{k:>13}" for k in keys))
+    for name, m in (("DCG", guidance), ("DiffMIC", diffusion)):
+        print(f"{name:<10}" + "".join(f"{m[k]:>13.4f}" for k in keys))
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from diffmic.config import DiffMICConfig
+    from diffmic.data.registry import build_data
+    from diffmic.evaluation.report import evaluate
+    from diffmic.models.diffmic import DiffMIC
+
+    model = DiffMIC.from_checkpoint(args.checkpoint)
+    cfg = DiffMICConfig.from_dict(model.config)
+    data_cfg = cfg.data
+    if args.data:
+        data_cfg.path = args.data
+    if args.format:
+        data_cfg.format = args.format
+    data_cfg.image_size = model.image_size
+    data_cfg.channels = model.in_chans
+    if args.data:
+        data_cfg.class_names = None  # another dataset: take its own class count and names
+    data = build_data(data_cfg)
+    split = data.split(args.split)
+    if len(split) == 0:
+        raise DataError(f"{data.source}: the {args.split} split is empty")
+    if data.num_classes > model.num_classes:
+        raise DataError(
+            f"{data.source} has {data.num_classes} classes but the checkpoint predicts {model.num_classes}"
+        )
+    report = evaluate(model, split, split=args.split, batch_size=cfg.data.eval_batch_size,
+                      samples=args.samples or cfg.eval.samples, seed=args.seed,
+                      sampler=args.sampler, num_steps=args.steps)
+    if args.out:
+        _check_writable(args.out)
+        report.to_json(args.out)
+        _print_table(report.guidance, report.diffusion, args.split)
+        print(f"report written to {args.out}")
+    else:
+        print(report.to_json())
+    return 0
+
+
+def _read_image_file(path: Path):
+    from PIL import Image, UnidentifiedImageError
+
+    if not path.is_file():
+        raise DataError(f"image not found: {path}")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.copy()
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise DataError(f"{path}: not a readable image ({type(exc).__name__})") from None
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    import torch
+
+    from diffmic.models.diffmic import DiffMIC
+
+    if args.samples < 1:
+        raise ConfigError(f"--samples must be >= 1, got {args.samples}")
+    model = DiffMIC.from_checkpoint(args.checkpoint)
+    images = [_read_image_file(p) for p in args.images]
+    gen = torch.Generator().manual_seed(args.seed)
+    probs = torch.cat([model.predict_proba(im, samples=args.samples, generator=gen) for im in images])
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["path", "prediction", *[f"p_{c}" for c in model.class_names]])
+    for path, p in zip(args.images, probs.tolist(), strict=True):
+        w.writerow([str(path), model.class_names[max(range(len(p)), key=p.__getitem__)], *[f"{v:.6f}" for v in p]])
+    if args.out:
+        _check_writable(args.out)
+        tmp = args.out.with_name(args.out.name + ".tmp")
+        tmp.write_text(buf.getvalue())
+        tmp.replace(args.out)
+        print(f"{len(images)} predictions written to {args.out}")
+    else:
+        sys.stdout.write(buf.getvalue())
+    return 0
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    print(_load_cfg(args).to_yaml(), end="")
+    return 0
+
+
+def _check_writable(path: Path) -> None:
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise ConfigError(f"output folder does not exist: {parent}")
+    if not os.access(parent, os.W_OK):
+        raise ConfigError(f"output folder is not writable: {parent}")
+
+
+COMMANDS = {"train": _cmd_train, "evaluate": _cmd_evaluate, "predict": _cmd_predict, "config": _cmd_config}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit code (0 ok, 1 error, 2 usage error, 130 interrupted)."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if not args.debug:
+        warnings.filterwarnings("ignore", category=UserWarning, module="lightning")
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    try:
+        return COMMANDS[args.command](args)
+    except DiffMICError as exc:
+        if args.debug:
+            raise
+        print(f"diffmic: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("diffmic: interrupted", file=sys.stderr)
+        return 130
+    except MemoryError:
+        print("diffmic: error: out of memory (try a smaller data.batch_size)", file=sys.stderr)
+        return 1
+    except Exception as exc:  # noqa: BLE001 - last resort: one line, never a traceback dump
+        if args.debug:
+            raise
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        print(f"diffmic: error: {type(exc).__name__}: {msg[:300]} (rerun with --debug for details)",
+              file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
+

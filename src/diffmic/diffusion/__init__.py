@@ -1,0 +1,30 @@
+"""Pure label-space diffusion math: schedules, samplers and losses (imports torch only)."""
+
+from __future__ import annotations
+
+from diffmic.diffusion.losses import antithetic_timesteps, diffmic_loss, eps_mse, gaussian_mmd
+from diffmic.diffusion.sampling import (
+    DenoiseFn,
+    ddim_timesteps,
+    sample,
+    sample_ancestral,
+    sample_ddim,
+    sample_truncated,
+)
+from diffmic.diffusion.schedule import BETA_SCHEDULES, CardSchedule, make_betas
+
+__all__ = [
+    "BETA_SCHEDULES",
+    "CardSchedule",
+    "DenoiseFn",
+    "antithetic_timesteps",
+    "ddim_timesteps",
+    "diffmic_loss",
+    "eps_mse",
+    "gaussian_mmd",
+    "make_betas",
+    "sample",
+    "sample_ancestral",
+    "sample_ddim",
+    "sample_truncated",
+]

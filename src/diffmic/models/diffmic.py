@@ -1,0 +1,343 @@
+"""DiffMIC: composes the DCG guidance network, the label denoiser and the diffusion schedule.
+
+Inference: the DCG gives the prior ŷ = softmax(½(g + l)); the image embedding is computed once;
+a reverse chain (DDIM on the residual by default) is run from N(ŷ, I) for ``samples`` chains per
+image in one batch; probabilities are the mean over chains of softmax(y_0 / temperature).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from diffmic.diffusion.sampling import sample
+from diffmic.diffusion.schedule import CardSchedule
+from diffmic.errors import CheckpointError, DataError
+from diffmic.models.denoiser import LabelDenoiser
+from diffmic.models.guidance import DCG, GuidanceOutput
+
+CHECKPOINT_FORMAT = "diffmic-model"
+CHECKPOINT_VERSION = 1
+
+
+class Prediction(NamedTuple):
+    """Inference outputs for a batch."""
+
+    probs: Tensor  # diffusion class probabilities, (B, C)
+    y0: Tensor  # sampled y_0 vectors, (S, B, C)
+    prior: Tensor  # DCG fused prior softmax(½(g + l)), (B, C)
+    guidance: GuidanceOutput
+
+
+def probs_from_y0(y0: Tensor, temperature: float) -> Tensor:
+    """(S, B, C) sampled y_0 -> (B, C) probabilities: mean over S of softmax(y_0 / temperature)."""
+    return (y0 / temperature).softmax(dim=-1).mean(dim=0)
+
+
+class DiffMIC(nn.Module):
+    """The full model. Build it with :func:`diffmic.models.factory.build_model` or load a checkpoint.
+
+    Args:
+        guidance: the DCG.
+        denoiser: the label denoiser.
+        schedule: the CARD schedule.
+        class_names: names of the C classes.
+        image_size: square input side the model was trained at.
+        in_chans: input channels.
+        mean: per-channel normalisation mean (length 1 or ``in_chans``), in [0, 1] units.
+        std: per-channel normalisation std.
+        sampler: default sampler name (``ddim`` | ``ancestral`` | ``truncated``).
+        sampling_steps: default number of denoiser calls per chain.
+        eta: DDIM stochasticity.
+        temperature: softmax temperature turning y_0 into probabilities.
+        share_encoder: the denoiser embeds the DCG's pooled global features instead of the image.
+    """
+
+    def __init__(
+        self,
+        guidance: DCG,
+        denoiser: LabelDenoiser,
+        schedule: CardSchedule,
+        *,
+        class_names: list[str],
+        image_size: int,
+        in_chans: int,
+        mean: list[float],
+        std: list[float],
+        sampler: str = "ddim",
+        sampling_steps: int = 10,
+        eta: float = 0.0,
+        temperature: float = 0.1,
+        share_encoder: bool = False,
+    ) -> None:
+        super().__init__()
+        self.guidance = guidance
+        self.denoiser = denoiser
+        self.schedule = schedule
+        self.class_names = list(class_names)
+        self.image_size = image_size
+        self.in_chans = in_chans
+        self.sampler = sampler
+        self.sampling_steps = sampling_steps
+        self.eta = eta
+        self.temperature = temperature
+        self.share_encoder = share_encoder
+        m = torch.tensor(mean, dtype=torch.float32).expand(in_chans).reshape(1, in_chans, 1, 1)
+        s = torch.tensor(std, dtype=torch.float32).expand(in_chans).reshape(1, in_chans, 1, 1)
+        self.register_buffer("mean", m.clone(), persistent=False)
+        self.register_buffer("std", s.clone(), persistent=False)
+        self.config: dict[str, Any] = {}  # resolved config, stored in checkpoints
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    # ------------------------------------------------------------ building blocks
+    def normalize(self, x01: Tensor) -> Tensor:
+        """Images in [0, 1] (B, C, H, W) -> normalised network input."""
+        return (x01 - self.mean) / self.std
+
+    def encode(self, x: Tensor, guide: GuidanceOutput) -> Tensor:
+        """Denoiser image embedding (B, F), computed once per image."""
+        if self.share_encoder:
+            return self.denoiser.encode(guide.features.detach())
+        return self.denoiser.encode(x)
+
+    def sample_y0(
+        self,
+        feats: Tensor,
+        prior: Tensor,
+        *,
+        samples: int = 1,
+        sampler: str | None = None,
+        num_steps: int | None = None,
+        eta: float | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Run ``samples`` reverse chains per image as one batch: returns y_0 (S, B, C)."""
+        b = prior.shape[0]
+        feats_s = feats.repeat(samples, 1)  # (S*B, F): chain s of image i is row s*B + i
+        prior_s = prior.repeat(samples, 1)
+
+        def denoise_fn(y_t: Tensor, t: Tensor) -> Tensor:
+            return self.denoiser.denoise(feats_s, y_t, prior_s, t)
+
+        y0 = sample(
+            self.schedule,
+            denoise_fn,
+            prior_s,
+            sampler=sampler or self.sampler,
+            num_steps=num_steps or self.sampling_steps,
+            eta=self.eta if eta is None else eta,
+            generator=generator,
+        )
+        return y0.view(samples, b, -1)
+
+    def forward(
+        self,
+        x: Tensor,
+        *,
+        samples: int = 1,
+        generator: torch.Generator | None = None,
+        sampler: str | None = None,
+        num_steps: int | None = None,
+    ) -> Prediction:
+        """Inference on normalised images (B, C_in, H, W)."""
+        guide = self.guidance(x)
+        prior = guide.logits.softmax(dim=1)
+        feats = self.encode(x, guide)
+        y0 = self.sample_y0(
+            feats, prior, samples=samples, generator=generator, sampler=sampler, num_steps=num_steps
+        )
+        return Prediction(probs_from_y0(y0, self.temperature), y0, prior, guide)
+
+    # ------------------------------------------------------------------ user API
+    def preprocess(self, images: Any) -> Tensor:
+        """Images (tensor, numpy array, PIL image, or a list of them) -> normalised (N, C, H, W).
+
+        uint8 inputs are scaled by 1/255; float inputs must already be in [0, 1]. Arrays are
+        (H, W), (H, W, C) or (N, H, W, C); tensors are (C, H, W) or (N, C, H, W). Channels are
+        converted and images resized to the model's size.
+        """
+        x = _to_batch_tensor(images)
+        x = _convert_channels(x, self.in_chans)
+        if x.shape[-2:] != (self.image_size, self.image_size):
+            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear",
+                              align_corners=False, antialias=True).clamp(0, 1)
+        return self.normalize(x.to(self.mean.device))
+
+    @torch.no_grad()
+    def predict_proba(
+        self,
+        images: Any,
+        *,
+        samples: int = 1,
+        generator: torch.Generator | None = None,
+        batch_size: int = 256,
+    ) -> Tensor:
+        """Class probabilities (N, C) from the diffusion output, in eval mode."""
+        was_training = self.training
+        self.eval()
+        try:
+            x = self.preprocess(images)
+            out = [self(chunk, samples=samples, generator=generator).probs for chunk in x.split(batch_size)]
+        finally:
+            self.train(was_training)
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def predict(self, images: Any, **kwargs: Any) -> Tensor:
+        """Predicted class indices (N,)."""
+        return self.predict_proba(images, **kwargs).argmax(dim=1)
+
+    # --------------------------------------------------------------- persistence
+    def save(self, path: str | Path, *, extra: dict[str, Any] | None = None) -> None:
+        """Write a self-contained checkpoint (loadable with ``torch.load(weights_only=True)``)."""
+        payload = {
+            "format": CHECKPOINT_FORMAT,
+            "version": CHECKPOINT_VERSION,
+            "config": self.config,
+            "model_args": {
+                "num_classes": self.num_classes,
+                "class_names": self.class_names,
+                "in_chans": self.in_chans,
+                "image_size": self.image_size,
+            },
+            "state_dict": self.state_dict(),
+            "extra": extra or {},
+        }
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save(payload, tmp)
+        tmp.replace(path)  # atomic: never leaves a truncated checkpoint
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, map_location: str | torch.device = "cpu") -> DiffMIC:
+        """Load a model saved by :meth:`save` (or a Lightning checkpoint of a training run)."""
+        from diffmic.config import DiffMICConfig
+        from diffmic.models.factory import build_model
+
+        payload = load_checkpoint_payload(path, map_location)
+        if payload.get("format") == CHECKPOINT_FORMAT:
+            cfg_dict, args, state = payload.get("config"), payload.get("model_args"), payload.get("state_dict")
+        elif "hyper_parameters" in payload and "state_dict" in payload:  # Lightning .ckpt
+            hp = payload["hyper_parameters"]
+            cfg_dict, args = hp.get("config"), hp.get("model_args")
+            sd = payload["state_dict"]
+            state = {k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")}
+            if (cfg_dict or {}).get("train", {}).get("ema_eval", False):  # export the EMA denoiser
+                prefix = "ema.shadow."
+                state.update({"denoiser." + k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)})
+            if cfg_dict is None or args is None:
+                raise CheckpointError(f"{path}: Lightning checkpoint without a diffmic config")
+        else:
+            raise CheckpointError(f"{path}: not a diffmic checkpoint (no format marker)")
+        args = args if isinstance(args, dict) else {}
+        missing = [k for k in ("num_classes", "in_chans", "image_size", "class_names") if k not in args]
+        if missing or not isinstance(state, dict) or not isinstance(cfg_dict, dict):
+            raise CheckpointError(f"{path}: incomplete checkpoint (no config, state_dict or model_args {missing})")
+        cfg = DiffMICConfig.from_dict(cfg_dict, source=f"{path} config")
+        model = build_model(
+            cfg,
+            num_classes=args["num_classes"],
+            in_chans=args["in_chans"],
+            image_size=args["image_size"],
+            class_names=args["class_names"],
+        )
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            first = str(exc).splitlines()[0]
+            raise CheckpointError(f"{path}: weights do not match the stored config ({first})") from None
+        model.eval()
+        return model.to(map_location)
+
+
+def load_checkpoint_payload(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """``torch.load`` with ``weights_only=True`` and one-line errors for missing/corrupt files."""
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"checkpoint not found: {p}")
+    try:
+        payload = torch.load(p, map_location=map_location, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - garbage bytes also raise KeyError, IndexError, ...
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{p}: corrupt or unreadable checkpoint ({msg[:160]})") from None
+    if not isinstance(payload, dict):
+        raise CheckpointError(f"{p}: not a diffmic checkpoint")
+    return payload
+
+
+def _to_batch_tensor(images: Any) -> Tensor:
+    """Normalise the many accepted input types to a float (N, C, H, W) tensor in [0, 1]."""
+    try:
+        from PIL import Image
+    except ImportError:  # pragma: no cover
+        Image = None  # type: ignore[assignment]
+    if isinstance(images, (list, tuple)):
+        if not images:
+            raise DataError("no images given")
+        parts = [_to_batch_tensor(im) for im in images]
+        shapes = {tuple(p.shape[1:]) for p in parts}
+        if len(shapes) > 1:
+            size = max(p.shape[-1] for p in parts)
+            parts = [F.interpolate(p, size=(size, size), mode="bilinear", align_corners=False) if p.shape[-2:] != (size, size) else p for p in parts]
+            chans = max(p.shape[1] for p in parts)
+            parts = [_convert_channels(p, chans) for p in parts]
+        return torch.cat(parts)
+    if Image is not None and isinstance(images, Image.Image):
+        im = images
+        if im.mode not in ("L", "RGB"):
+            im = im.convert("RGB") if im.mode in ("RGBA", "P", "CMYK", "LA") else im
+        arr = np.array(im)  # a writable copy (np.asarray of a PIL image is read-only)
+        if arr.dtype == np.uint16 or arr.dtype == np.int32:
+            arr = (arr.astype(np.float32) / max(1.0, float(arr.max()))).astype(np.float32)
+        return _to_batch_tensor(arr)
+    if isinstance(images, np.ndarray):
+        arr = images
+        if arr.ndim == 2:
+            arr = arr[None, ..., None]
+        elif arr.ndim == 3:
+            arr = arr[None] if arr.shape[-1] in (1, 3, 4) else arr[..., None]
+        if arr.ndim != 4:
+            raise DataError(f"image array must be (H, W), (H, W, C) or (N, H, W, C), got shape {images.shape}")
+        t = torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2)
+        return _scale(t)
+    if isinstance(images, Tensor):
+        t = images
+        if t.ndim == 2:
+            t = t[None, None]
+        elif t.ndim == 3:
+            t = t[None]
+        if t.ndim != 4:
+            raise DataError(f"image tensor must be (C, H, W) or (N, C, H, W), got shape {tuple(images.shape)}")
+        return _scale(t)
+    raise DataError(f"unsupported image type {type(images).__name__}; give tensors, numpy arrays or PIL images")
+
+
+def _scale(t: Tensor) -> Tensor:
+    if t.dtype == torch.uint8:
+        return t.float() / 255.0
+    t = t.float()
+    if not torch.isfinite(t).all():
+        raise DataError("images contain NaN or infinite values")
+    return t
+
+
+def _convert_channels(x: Tensor, channels: int) -> Tensor:
+    c = x.shape[1]
+    if c == 4:
+        x, c = x[:, :3], 3
+    if c == channels:
+        return x
+    if c == 1 and channels == 3:
+        return x.expand(-1, 3, -1, -1).contiguous()
+    if c == 3 and channels == 1:
+        w = torch.tensor([0.299, 0.587, 0.114], dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+        return (x * w).sum(dim=1, keepdim=True)
+    raise DataError(f"cannot convert {c}-channel images to {channels} channels")

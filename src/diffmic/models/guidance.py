@@ -1,0 +1,146 @@
+"""DCG: the dual-granularity conditional guidance network (DiffMIC §2; GMIC, Shen et al. 2021).
+
+Global branch: backbone feature map -> 1x1 conv class activation map (CAM) -> top-t% pooling ->
+global logits. Local branch: K ROI crops chosen greedily on the saliency map -> backbone ->
+gated-attention MIL (Ilse et al. 2018) -> local logits. Fused logits are the mean of the two.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from diffmic.models.backbones import FeatureMap, create_backbone, small_input_default
+from diffmic.models.roi import cells_to_pixels, crop_batch, greedy_max_windows, normalize_saliency, window_size
+
+
+class GuidanceOutput(NamedTuple):
+    """What the DCG returns; every field is a tensor on the input's device."""
+
+    logits: Tensor  # fused logits ½(g + l), (B, C)
+    logits_global: Tensor  # g, (B, C)
+    logits_local: Tensor  # l, (B, C)
+    saliency: Tensor  # CAM, (B, C, h, w), raw logits
+    corners: Tensor  # ROI upper-left pixels (row, col), (B, K, 2) long
+    attention: Tensor  # MIL attention weights over crops, (B, K)
+    features: Tensor  # pooled global features, (B, F)
+
+
+def default_crop_size(image_size: int) -> int:
+    """ROI crop side that scales with the image: 32 px at 224 (the original), at least 8."""
+    return max(8, round(image_size / 7))
+
+
+def top_t_pool(cam: Tensor, t: float) -> Tensor:
+    """Mean of the top ⌈t·h·w⌉ CAM values per class: (B, C, h, w) -> (B, C); t=1 is a mean."""
+    flat = cam.flatten(2)
+    k = max(1, math.ceil(flat.shape[2] * t))
+    if k == flat.shape[2]:
+        return flat.mean(dim=2)
+    return flat.topk(k, dim=2).values.mean(dim=2)
+
+
+class GatedAttentionMIL(nn.Module):
+    """Gated attention pooling a_k = wᵀ[σ(U h_k) ⊙ tanh(V h_k)] (Ilse et al. 2018), then a linear head."""
+
+    def __init__(self, in_features: int, hidden: int, num_classes: int) -> None:
+        super().__init__()
+        self.u = nn.Linear(in_features, hidden, bias=False)
+        self.v = nn.Linear(in_features, hidden, bias=False)
+        self.w = nn.Linear(hidden, 1, bias=False)
+        self.classifier = nn.Linear(in_features, num_classes, bias=False)
+
+    def forward(self, h: Tensor) -> tuple[Tensor, Tensor]:
+        """h: (B, K, F) -> logits (B, C), attention (B, K)."""
+        a = self.w(torch.sigmoid(self.u(h)) * torch.tanh(self.v(h))).squeeze(-1)  # (B, K)
+        alpha = a.softmax(dim=1)
+        z = (alpha.unsqueeze(-1) * h).sum(dim=1)  # (B, F)
+        return self.classifier(z), alpha
+
+
+class DCG(nn.Module):
+    """Dual-granularity conditional guidance network.
+
+    Args:
+        num_classes: C.
+        in_chans: image channels (1 or 3); crops keep all channels.
+        image_size: input side in pixels (square inputs), used for the defaults below.
+        backbone: timm name of the global backbone.
+        local_backbone: timm name of the local backbone (None: same as ``backbone``).
+        pretrained: ImageNet weights for both backbones.
+        small_input: small stem for the global backbone (None: ``image_size <= 64``); the local
+            backbone uses a small stem when the crop is <= 64 px.
+        cam_size: resize the CAM to this side (None: the backbone's feature-map size).
+        num_crops: K, number of ROI crops.
+        crop_size: crop side in pixels (None: :func:`default_crop_size`).
+        top_t: fraction of CAM positions averaged for the global logits (1.0 = mean).
+        mil_hidden: hidden width of the gated attention.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        *,
+        in_chans: int = 3,
+        image_size: int = 224,
+        backbone: str = "resnet18",
+        local_backbone: str | None = None,
+        pretrained: bool = False,
+        small_input: bool | None = None,
+        cam_size: int | None = None,
+        num_crops: int = 6,
+        crop_size: int | None = None,
+        top_t: float = 1.0,
+        mil_hidden: int = 128,
+    ) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.image_size = image_size
+        self.num_crops = num_crops
+        self.crop_size = min(crop_size or default_crop_size(image_size), image_size)
+        self.cam_size = cam_size
+        self.top_t = top_t
+        if small_input is None:
+            small_input = small_input_default(image_size)
+        net, dim = create_backbone(backbone, in_chans=in_chans, pretrained=pretrained, small_input=small_input)
+        self.global_net = FeatureMap(net)
+        self.cam = nn.Conv2d(dim, num_classes, kernel_size=1, bias=False)
+        local, local_dim = create_backbone(
+            local_backbone or backbone,
+            in_chans=in_chans,
+            pretrained=pretrained,
+            small_input=small_input_default(self.crop_size),
+        )
+        self.local_net = FeatureMap(local)
+        self.mil = GatedAttentionMIL(local_dim, mil_hidden, num_classes)
+        self.feature_dim = dim
+
+    def forward(self, x: Tensor) -> GuidanceOutput:
+        """x: normalised images (B, in_chans, H, W)."""
+        b = x.shape[0]
+        fmap = self.global_net(x)  # (B, F, h, w)
+        cam = self.cam(fmap)  # (B, C, h, w)
+        if self.cam_size is not None and cam.shape[-1] != self.cam_size:
+            cam = F.interpolate(cam, size=(self.cam_size, self.cam_size), mode="bilinear", align_corners=False)
+        logits_global = top_t_pool(cam, self.top_t)
+        crop = (self.crop_size, self.crop_size)
+        map_hw, image_hw = (cam.shape[2], cam.shape[3]), (x.shape[2], x.shape[3])
+        with torch.no_grad():
+            cells = greedy_max_windows(normalize_saliency(cam), window_size(crop, map_hw, image_hw), self.num_crops)
+            corners = cells_to_pixels(cells, map_hw, image_hw, crop)  # (B, K, 2)
+        crops = crop_batch(x, corners, crop).flatten(0, 1)  # (B*K, C_in, ch, cw)
+        h = self.local_net(crops).mean(dim=(2, 3)).view(b, self.num_crops, -1)  # (B, K, F_l)
+        logits_local, attention = self.mil(h)
+        return GuidanceOutput(
+            logits=0.5 * (logits_global + logits_local),
+            logits_global=logits_global,
+            logits_local=logits_local,
+            saliency=cam,
+            corners=corners,
+            attention=attention,
+            features=fmap.mean(dim=(2, 3)),
+        )

@@ -1,0 +1,156 @@
+"""``train(cfg)``: the function the CLI calls. Build, fit, select on validation, test, export."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from diffmic.config import DiffMICConfig
+from diffmic.data.base import DataBundle
+from diffmic.data.registry import build_data
+from diffmic.errors import DataError
+from diffmic.models.diffmic import DiffMIC
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    """Where a finished run put its outputs, and its test metrics."""
+
+    run_dir: Path
+    model_path: Path
+    checkpoint: Path
+    metrics: dict[str, Any]
+
+
+def make_run_dir(cfg: DiffMICConfig) -> Path:
+    """``<out_dir>/<run_name>``; the default name is ``<data file stem>-<timestamp>``."""
+    name = cfg.train.run_name or f"{Path(cfg.data.path).stem or 'run'}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = Path(cfg.train.out_dir) / name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+            cwd=Path(__file__).resolve().parent,
+        )
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _check_data(data: DataBundle) -> None:
+    if len(data.train) == 0:
+        raise DataError(f"{data.source}: the training split is empty")
+    if len(data.val) == 0:
+        raise DataError(
+            f"{data.source}: the validation split is empty; model selection needs one "
+            "(set data.val_fraction > 0 for layouts without a split)"
+        )
+    if data.num_classes < 2:
+        raise DataError(f"{data.source}: need at least 2 classes, found {data.num_classes}")
+
+
+def train(cfg: DiffMICConfig, *, run_dir: str | Path | None = None, data: DataBundle | None = None) -> TrainResult:
+    """Train DiffMIC, select the checkpoint on the validation split, evaluate on the test split.
+
+    Writes into the run directory: ``config.yaml`` (resolved), ``split.json`` (when the layout
+    has no split), ``checkpoints/`` (Lightning ``best.ckpt`` / ``last.ckpt``), ``model.pt`` (the
+    selected model, EMA weights), ``metrics.json`` (val and test, DCG and diffusion) and
+    ``logs/`` (CSV training curves).
+    """
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+    from lightning.pytorch.loggers import CSVLogger
+
+    from diffmic.evaluation.report import evaluate
+    from diffmic.training.datamodule import ArrayDataModule
+    from diffmic.training.module import DiffMICModule
+
+    run_dir = Path(run_dir) if run_dir is not None else make_run_dir(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(cfg.train.seed, workers=True, verbose=False)
+    if data is None:
+        data = build_data(cfg.data, run_dir)
+    _check_data(data)
+    if cfg.data.class_names is None:
+        cfg.data.class_names = list(data.class_names)
+    cfg.save(run_dir / "config.yaml")
+    model_args = {
+        "num_classes": data.num_classes,
+        "in_chans": data.channels,
+        "image_size": data.image_size,
+        "class_names": list(data.class_names),
+    }
+    module = DiffMICModule(cfg.to_dict(), model_args)
+    dm = ArrayDataModule(data, batch_size=cfg.data.batch_size, eval_batch_size=cfg.data.eval_batch_size,
+                         num_workers=cfg.data.num_workers)
+    ckpt = ModelCheckpoint(
+        dirpath=run_dir / "checkpoints", filename="best", monitor="val/select", mode="max",
+        save_top_k=1, save_last=True, enable_version_counter=False,
+    )
+    callbacks: list[Any] = [ckpt]
+    if cfg.train.progress:
+        callbacks.append(TQDMProgressBar(refresh_rate=10))
+    t = cfg.train
+    trainer = L.Trainer(
+        max_epochs=t.dcg_pretrain_epochs + t.epochs,
+        accelerator=t.accelerator,
+        devices=t.devices,
+        strategy=t.strategy,
+        precision=t.precision,  # type: ignore[arg-type]
+        callbacks=callbacks,
+        logger=CSVLogger(run_dir, name="logs", version=""),
+        default_root_dir=run_dir,
+        num_sanity_val_steps=0,
+        enable_progress_bar=t.progress,
+        enable_model_summary=False,
+        log_every_n_steps=1,
+        check_val_every_n_epoch=1,
+    )
+    start = time.time()
+    trainer.fit(module, datamodule=dm)
+    fit_seconds = time.time() - start
+    if trainer.global_rank != 0:
+        return TrainResult(run_dir, run_dir / "model.pt", Path(ckpt.best_model_path or ""), {})
+
+    best = Path(ckpt.best_model_path) if ckpt.best_model_path else Path(ckpt.last_model_path)
+    model = DiffMIC.from_checkpoint(best)
+    payload = torch.load(best, map_location="cpu", weights_only=True)
+    selected_epoch = int(payload.get("epoch", -1))
+    model_path = run_dir / "model.pt"
+    model.save(model_path, extra={"selected_epoch": selected_epoch, "git_commit": _git_commit()})
+
+    e = cfg.eval
+    reports = {
+        split: evaluate(model, data.split(split), split=split, batch_size=cfg.data.eval_batch_size,
+                        samples=e.samples, seed=e.seed).to_dict()
+        for split in ("val", "test")
+    }
+    metrics = {
+        "dataset": data.source,
+        "class_names": data.class_names,
+        "selected_epoch": selected_epoch,
+        "select_metric": f"val/{t.select_metric}",
+        "fit_seconds": round(fit_seconds, 1),
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "git_commit": _git_commit(),
+        **reports,
+    }
+    tmp = run_dir / "metrics.json.tmp"
+    tmp.write_text(json.dumps(metrics, indent=2))
+    tmp.replace(run_dir / "metrics.json")
+    return TrainResult(run_dir, model_path, best, metrics)

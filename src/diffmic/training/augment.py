@@ -1,0 +1,41 @@
+"""Batch augmentation on [0, 1] images (flips and rotation), run inside the training step."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def augment_batch(
+    x: Tensor,
+    *,
+    hflip: bool = True,
+    vflip: bool = False,
+    rotation: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Random horizontal/vertical flips (p=0.5) and rotation in [-rotation, rotation] degrees.
+
+    Rotation is bilinear about the centre on the same canvas with black fill, as the original.
+    """
+    b = x.shape[0]
+    dev = x.device
+
+    def coin() -> Tensor:
+        return torch.rand(b, generator=generator, device=dev) < 0.5
+
+    if hflip:
+        x = torch.where(coin().view(b, 1, 1, 1), x.flip(3), x)
+    if vflip:
+        x = torch.where(coin().view(b, 1, 1, 1), x.flip(2), x)
+    if rotation > 0:
+        angle = (torch.rand(b, generator=generator, device=dev) * 2 - 1) * math.radians(rotation)
+        cos, sin = angle.cos(), angle.sin()
+        zero = torch.zeros_like(cos)
+        theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
+        grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
+        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return x

@@ -1,0 +1,205 @@
+"""``DiffMICModule``: DCG pre-training, then joint diffusion + DCG training (manual optimisation)."""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from diffmic.config import DiffMICConfig
+from diffmic.diffusion.losses import antithetic_timesteps, diffmic_loss
+from diffmic.evaluation.metrics import classification_metrics
+from diffmic.models.factory import build_model
+from diffmic.models.guidance import GuidanceOutput
+from diffmic.training.augment import augment_batch
+from diffmic.training.ema import EMA
+
+
+def warmup_cosine(epoch: float, *, lr: float, min_lr: float, warmup: float, total: float) -> float:
+    """Linear warm-up to ``lr`` over ``warmup`` epochs, then half-cosine to ``min_lr`` at ``total``."""
+    if epoch < warmup:
+        return lr * epoch / warmup
+    span = max(total - warmup, 1e-8)
+    progress = min(1.0, (epoch - warmup) / span)
+    return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class DiffMICModule(L.LightningModule):
+    """Training system around :class:`~diffmic.models.DiffMIC`.
+
+    Epochs ``[0, dcg_pretrain_epochs)`` train the DCG alone with cross-entropy; later epochs run
+    the three-stream diffusion step (features computed once, priors under ``no_grad``) followed,
+    when ``joint_train``, by one DCG cross-entropy step on the same batch.
+
+    Args:
+        config: the resolved config as a plain dict (stored in checkpoints).
+        model_args: ``num_classes``, ``in_chans``, ``image_size``, ``class_names``.
+    """
+
+    def __init__(self, config: dict[str, Any], model_args: dict[str, Any]) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.cfg = DiffMICConfig.from_dict(config)
+        self.model = build_model(self.cfg, **model_args)
+        self.ema = EMA(self.model.denoiser, self.cfg.train.ema_decay)
+        self.automatic_optimization = False
+        self._val_outputs: list[tuple[Tensor, Tensor, Tensor]] = []
+
+    # ------------------------------------------------------------------ phases
+    @property
+    def pretraining(self) -> bool:
+        return self.current_epoch < self.cfg.train.dcg_pretrain_epochs
+
+    def _lr_now(self, batch_idx: int) -> float:
+        t = self.cfg.train
+        batches = max(1, int(self.trainer.num_training_batches))
+        epoch = self.current_epoch - t.dcg_pretrain_epochs + batch_idx / batches
+        return warmup_cosine(epoch, lr=t.lr, min_lr=t.min_lr, warmup=t.warmup_epochs, total=t.epochs)
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        t = self.cfg.train
+        denoiser = torch.optim.Adam(self.model.denoiser.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+        dcg = torch.optim.Adam(
+            self.model.guidance.parameters(), lr=t.dcg_lr, weight_decay=t.dcg_weight_decay, amsgrad=True
+        )
+        return [denoiser, dcg]
+
+    # ---------------------------------------------------------------- training
+    def _inputs(self, images: Tensor, train: bool) -> Tensor:
+        x = images.float() / 255.0
+        if train:
+            d = self.cfg.data
+            x = augment_batch(x, hflip=d.hflip, vflip=d.vflip, rotation=d.rotation)
+        return self.model.normalize(x)
+
+    def _aux_loss(self, guide: GuidanceOutput, y: Tensor) -> Tensor:
+        loss = F.cross_entropy(guide.logits, y)
+        if self.cfg.train.aux_loss == "all":
+            loss = loss + F.cross_entropy(guide.logits_global, y) + F.cross_entropy(guide.logits_local, y)
+        return loss
+
+    def _dcg_step(self, x: Tensor, y: Tensor) -> Tensor:
+        _, opt = self.optimizers()
+        self.model.guidance.train()
+        guide = self.model.guidance(x)
+        loss = self._aux_loss(guide, y)
+        opt.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        opt.step()
+        acc = (guide.logits.argmax(1) == y).float().mean()
+        self.log_dict({"train/dcg_loss": loss.detach(), "train/dcg_acc": acc}, on_step=False, on_epoch=True, batch_size=len(y))
+        return loss.detach()
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        images, y = batch
+        x = self._inputs(images, train=True)
+        if self.pretraining:
+            self._dcg_step(x, y)
+            return
+        model, t_cfg = self.model, self.cfg.train
+        opt, _ = self.optimizers()
+        lr = self._lr_now(batch_idx)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        # Priors: DCG in eval mode and without autograd (the original kept autograd on; wasted work).
+        model.guidance.eval()
+        with torch.no_grad():
+            guide = model.guidance(x)
+        model.guidance.train()
+        priors = [guide.logits.softmax(1), guide.logits_global.softmax(1), guide.logits_local.softmax(1)]
+        feats = model.encode(x, guide)  # once for all three streams and all noise draws
+        k = t_cfg.noise_draws
+        if k > 1:  # K independent (t, ε) per image, as a K·B batch for the cheap MLP
+            feats, y = feats.repeat(k, 1), y.repeat(k)
+            priors = [p.repeat(k, 1) for p in priors]
+        y0 = F.one_hot(y, model.num_classes).float()
+        t = antithetic_timesteps(len(y), model.schedule.num_timesteps, device=y.device)
+        eps = torch.randn_like(y0)  # shared by the three streams
+        eps_hats = [model.denoiser.denoise(feats, model.schedule.q_sample(y0, p, t, eps), p, t) for p in priors]
+        losses = diffmic_loss(eps, *eps_hats, mmd_weight=t_cfg.mmd_weight)
+        opt.zero_grad(set_to_none=True)
+        self.manual_backward(losses["loss"])
+        if t_cfg.grad_clip > 0:
+            self.clip_gradients(opt, gradient_clip_val=t_cfg.grad_clip, gradient_clip_algorithm="norm")
+        opt.step()
+        self.ema.update(model.denoiser)
+        self.log_dict(
+            {f"train/{k}": v.detach() for k, v in losses.items()} | {"train/lr": lr},
+            on_step=False, on_epoch=True, batch_size=len(y), prog_bar=False,
+        )
+        self.log("loss", losses["loss"].detach(), prog_bar=True, on_step=True, on_epoch=False, logger=False)
+        if t_cfg.joint_train:
+            self._dcg_step(x, batch[1])
+
+    # -------------------------------------------------------------- validation
+    @contextmanager
+    def ema_weights(self) -> Iterator[None]:
+        """Temporarily swap the EMA denoiser into the model (when ``train.ema_eval``)."""
+        if not self.cfg.train.ema_eval:
+            yield
+            return
+        live = self.model.denoiser
+        self.model.denoiser = self.ema.shadow
+        try:
+            yield
+        finally:
+            self.model.denoiser = live
+
+    def _should_validate(self) -> bool:
+        t = self.cfg.train
+        epoch = self.current_epoch + 1
+        last = epoch >= self.trainer.max_epochs
+        end_of_pretrain = epoch == t.dcg_pretrain_epochs
+        return last or end_of_pretrain or epoch % t.val_every == 0
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_outputs = []
+        self._val_gen = torch.Generator(device=self.device).manual_seed(self.cfg.eval.seed)
+        self._val_active = self._should_validate() and not self.trainer.sanity_checking
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        if not self._val_active:
+            return
+        images, y = batch
+        x = self._inputs(images, train=False)
+        guide = self.model.guidance(x)
+        prior = guide.logits.softmax(1)
+        if self.pretraining:
+            probs = prior
+        else:
+            with self.ema_weights():
+                feats = self.model.encode(x, guide)
+                y0 = self.model.sample_y0(feats, prior, samples=self.cfg.eval.samples, generator=self._val_gen)
+            probs = (y0 / self.model.temperature).softmax(-1).mean(0)
+        self._val_outputs.append((probs, prior, y))
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._val_active or not self._val_outputs:
+            # Nothing measured: a value that never counts as an improvement.
+            self.log("val/select", -math.inf, sync_dist=False)
+            return
+        probs = torch.cat([o[0] for o in self._val_outputs])
+        prior = torch.cat([o[1] for o in self._val_outputs])
+        y = torch.cat([o[2] for o in self._val_outputs])
+        if self.trainer.world_size > 1:
+            probs, prior, y = (self.all_gather(v).flatten(0, 1) for v in (probs, prior, y))
+        c = self.model.num_classes
+        dcg = classification_metrics(prior, y, c)
+        key = self.cfg.train.select_metric
+        logs = {f"val/dcg_{k}": v for k, v in dcg.items()}
+        if self.pretraining:
+            # Only a DCG-only run (no diffusion epochs) is selected on the DCG; otherwise any
+            # diffusion validation later beats this.
+            select = dcg[key] if self.cfg.train.epochs == 0 else -1.0
+        else:
+            diff = classification_metrics(probs, y, c)
+            logs |= {f"val/{k}": v for k, v in diff.items()}
+            select = diff[key]
+        logs["val/select"] = select if not math.isnan(select) else -1.0
+        self.log_dict(logs, sync_dist=False, prog_bar=False)
+        self.log("val_sel", logs["val/select"], prog_bar=True, logger=False)

@@ -1,0 +1,42 @@
+"""Shared fixtures: paths to the real MedMNIST files in ../shared/data and tiny configs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("DIFFMIC_SHARED_DATA", ROOT.parent / "shared" / "data"))
+
+# Two cores on CI: keep torch from oversubscribing them.
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def shared_file(name: str) -> Path:
+    path = SHARED_DATA / name
+    if not path.is_file():
+        pytest.skip(f"{path} not present (tests read real data from ../shared/data)")
+    return path
+
+
+@pytest.fixture
+def retinamnist() -> Path:
+    return shared_file("retinamnist.npz")
+
+
+@pytest.fixture
+def breastmnist() -> Path:
+    return shared_file("breastmnist.npz")
+
+
+TINY_OVERRIDES = [
+    "model.backbone=test_resnet",
+    "model.denoiser_backbone=test_resnet",
+    "model.feature_dim=64",
+    "diffusion.timesteps=100",
+    "diffusion.sampling_steps=5",
+    "train.progress=false",
+]
