@@ -65,6 +65,7 @@ class ModelConfig:
     mil_hidden: int = 128
     feature_dim: int = 6144  # denoiser hidden width
     share_encoder: bool = False  # denoiser reuses the DCG global features (no own encoder)
+    denoiser_skip: bool = False  # learnable ε̂ += c(t)(y_t − ŷ), MMSE-initialised (not in the original)
 
 
 @dataclass

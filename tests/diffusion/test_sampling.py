@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffmic.diffusion.sampling import ddim_timesteps, sample, sample_ancestral, sample_ddim, sample_truncated
+from diffmic.diffusion.sampling import (
+    ddim_timesteps,
+    sample,
+    sample_ancestral,
+    sample_ddim,
+    sample_truncated,
+)
 from diffmic.diffusion.schedule import CardSchedule
 from diffmic.errors import ConfigError
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -9,7 +10,12 @@ import pytest
 import torch
 from sklearn import metrics as skm
 
-from diffmic.evaluation.metrics import METRIC_NAMES, classification_metrics, confusion_matrix, per_class_table
+from diffmic.evaluation.metrics import (
+    METRIC_NAMES,
+    classification_metrics,
+    confusion_matrix,
+    per_class_table,
+)
 
 
 def random_case(seed: int, C: int, N: int = 300, skill: float = 1.5):
@@ -26,7 +32,7 @@ def ece_numpy(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15) -> float:
     correct = (probs.argmax(1) == labels).astype(float)
     edges = np.linspace(0.0, 1.0, n_bins + 1)
     total = 0.0
-    for lo, hi in zip(edges[:-1], edges[1:]):
+    for lo, hi in itertools.pairwise(edges):
         in_bin = (conf > lo) & (conf <= hi)
         if in_bin.any():
             total += in_bin.mean() * abs(correct[in_bin].mean() - conf[in_bin].mean())

@@ -61,7 +61,7 @@ def test_unknown_backbone_raises_config_error():
 
 @torch.no_grad()
 def test_efficientnet_small_stem():
-    net, dim = create_backbone("test_efficientnet", small_input=True)
+    net, _ = create_backbone("test_efficientnet", small_input=True)
     big, _ = create_backbone("test_efficientnet", small_input=False)
     x = torch.randn(1, 3, 32, 32)
     assert net.conv_stem.stride == (1, 1)

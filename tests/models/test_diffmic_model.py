@@ -178,9 +178,16 @@ def test_forward_deterministic_under_seed_and_global_rng_untouched(model3):
 def test_share_encoder_uses_dcg_features():
     m = make_model(4, 3, 28, extra=["model.share_encoder=true"])
     assert m.denoiser.encoder is None
+    assert m.denoiser.proj.in_features == m.guidance.feature_dim
+    seen = []
+    orig = m.denoiser.denoise
+    m.denoiser.denoise = lambda feats, *a: (seen.append(feats.clone()), orig(feats, *a))[1]
     with torch.no_grad():
         out = m(m.normalize(rand_images(2, 3, 28)), generator=gen())
+        expected = m.denoiser.norm0(m.denoiser.proj(out.guidance.features))
     assert out.probs.shape == (2, 4)
+    assert len(seen) == m.sampling_steps
+    torch.testing.assert_close(seen[0], expected)
 
 
 # --------------------------------------------------------------------------- predict_proba inputs

@@ -72,7 +72,12 @@ def test_original_geometry_224():
 
 
 def test_corners_are_greedy_picks_of_normalised_cam():
-    from diffmic.models.roi import cells_to_pixels, greedy_max_windows, normalize_saliency, window_size
+    from diffmic.models.roi import (
+        cells_to_pixels,
+        greedy_max_windows,
+        normalize_saliency,
+        window_size,
+    )
 
     dcg = make_dcg(3, 3, 64, crop_size=16).eval()
     with torch.no_grad():
@@ -106,6 +111,26 @@ def test_crop_size_and_num_crops_options():
         out = dcg(torch.randn(2, 3, 64, 64))
     assert dcg.crop_size == 16
     assert out.corners.shape == (2, 3, 2) and out.attention.shape == (2, 3)
+
+
+def test_forward_composition_matches_manual_pipeline():
+    """Local logits = MIL over spatially averaged local features of the chosen crops (all channels)."""
+    from diffmic.models.roi import crop_batch
+
+    dcg = make_dcg(3, 3, 64, crop_size=32).eval()  # 32 px crops give a 4x4 local feature map
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        out = dcg(x)
+        crops = crop_batch(x, out.corners, (32, 32)).flatten(0, 1)
+        fmap = dcg.local_net(crops)
+        assert fmap.shape[-1] > 1
+        h = fmap.mean(dim=(2, 3)).view(2, dcg.num_crops, -1)
+        logits, alpha = dcg.mil(h)
+        g = dcg.global_net(x)
+    torch.testing.assert_close(out.logits_local, logits)
+    torch.testing.assert_close(out.attention, alpha)
+    torch.testing.assert_close(out.features, g.mean(dim=(2, 3)))
+    torch.testing.assert_close(out.saliency, dcg.cam(g))
 
 
 # --------------------------------------------------------------------------- gradients

@@ -7,7 +7,13 @@ import itertools
 import pytest
 import torch
 
-from diffmic.models.roi import cells_to_pixels, crop_batch, greedy_max_windows, normalize_saliency, window_size
+from diffmic.models.roi import (
+    cells_to_pixels,
+    crop_batch,
+    greedy_max_windows,
+    normalize_saliency,
+    window_size,
+)
 
 
 def picks(sal: torch.Tensor, window=(1, 1), k=6) -> list[tuple[int, int]]:

@@ -62,3 +62,15 @@ def test_checkpoint_round_trip_identical_predictions(trained_run, tmp_path):
     assert torch.equal(pa, pc)
     payload = torch.load(result.model_path, weights_only=True)
     assert payload["config"]["model"]["backbone"] == "test_resnet"
+
+
+def test_selection_uses_validation_split_only(trained_run):
+    import csv
+
+    result, _ = trained_run
+    rows = list(csv.DictReader((result.run_dir / "logs" / "metrics.csv").open()))
+    sel = {int(r["epoch"]): float(r["val/select"]) for r in rows if r.get("val/select")}
+    best_epoch = max(sel, key=lambda e: (sel[e], -e))
+    assert result.metrics["selected_epoch"] == best_epoch
+    # the selected checkpoint's validation accuracy is what the logs recorded for that epoch
+    assert abs(result.metrics["val"]["diffusion"]["acc"] - sel[best_epoch]) < 1e-6

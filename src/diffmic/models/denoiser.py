@@ -44,6 +44,7 @@ class LabelDenoiser(nn.Module):
         num_timesteps: int = 1000,
         encoder: nn.Module | None = None,
         encoder_dim: int = 512,
+        skip_init: Tensor | None = None,
     ) -> None:
         super().__init__()
         self.encoder = encoder
@@ -56,6 +57,15 @@ class LabelDenoiser(nn.Module):
         self.lin3 = ConditionalLinear(feature_dim, feature_dim, num_timesteps)
         self.norm3 = nn.BatchNorm1d(feature_dim)
         self.out = nn.Linear(feature_dim, num_classes)
+        self.skip: nn.Embedding | None = None
+        if skip_init is not None:
+            if skip_init.shape != (num_timesteps,):
+                raise ValueError(f"skip_init must have shape ({num_timesteps},), got {tuple(skip_init.shape)}")
+            self.skip = nn.Embedding(num_timesteps, 1)
+            with torch.no_grad():
+                self.skip.weight.copy_(skip_init.view(-1, 1))
+                self.out.weight.zero_()
+                self.out.bias.zero_()
 
     def encode(self, x: Tensor) -> Tensor:
         """Images (B, C_in, H, W) -> embedding e (B, feature_dim); or features if no encoder."""
@@ -69,8 +79,16 @@ class LabelDenoiser(nn.Module):
         h = feats * h
         h = F.softplus(self.norm2(self.lin2(h, t)))
         h = F.softplus(self.norm3(self.lin3(h, t)))
-        return self.out(h)  # (B, C)
+        eps_hat = self.out(h)  # (B, C)
+        if self.skip is not None:
+            eps_hat = eps_hat + self.skip(t) * (y_t - prior)
+        return eps_hat
 
     def forward(self, x: Tensor, y_t: Tensor, prior: Tensor, t: Tensor) -> Tensor:
         return self.denoise(self.encode(x), y_t, prior, t)
 
+
+def mmse_skip_init(alphas_cumprod: Tensor, num_classes: int) -> Tensor:
+    """c(t) = √(1−ᾱ_t)/(ᾱ_t·v + 1 − ᾱ_t) with v = 1/C: E[ε | r_t] if r_0 ~ N(0, v·I)."""
+    v = 1.0 / num_classes
+    return (1 - alphas_cumprod).sqrt() / (alphas_cumprod * v + 1 - alphas_cumprod)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from diffmic.config import DiffMICConfig
 from diffmic.diffusion.schedule import CardSchedule
 from diffmic.models.backbones import create_backbone, small_input_default
-from diffmic.models.denoiser import LabelDenoiser
+from diffmic.models.denoiser import LabelDenoiser, mmse_skip_init
 from diffmic.models.diffmic import DiffMIC
 from diffmic.models.guidance import DCG
 
@@ -41,14 +41,16 @@ def build_model(
         encoder, encoder_dim = create_backbone(
             m.denoiser_backbone, in_chans=in_chans, pretrained=m.pretrained, small_input=small, pooled=True
         )
+    schedule = CardSchedule(d.timesteps, d.schedule, d.beta_start, d.beta_end)
+    skip_init = mmse_skip_init(schedule.alphas_cumprod, num_classes) if m.denoiser_skip else None
     denoiser = LabelDenoiser(
         num_classes,
         feature_dim=m.feature_dim,
         num_timesteps=d.timesteps,
         encoder=encoder,
         encoder_dim=encoder_dim,
+        skip_init=skip_init,
     )
-    schedule = CardSchedule(d.timesteps, d.schedule, d.beta_start, d.beta_end)
     model = DiffMIC(
         guidance,
         denoiser,

@@ -72,8 +72,7 @@ class DCG(nn.Module):
         backbone: timm name of the global backbone.
         local_backbone: timm name of the local backbone (None: same as ``backbone``).
         pretrained: ImageNet weights for both backbones.
-        small_input: small stem for the global backbone (None: ``image_size <= 64``); the local
-            backbone uses a small stem when the crop is <= 64 px.
+        small_input: small stem for both backbones (None: ``image_size <= 64``).
         cam_size: resize the CAM to this side (None: the backbone's feature-map size).
         num_crops: K, number of ROI crops.
         crop_size: crop side in pixels (None: :func:`default_crop_size`).
@@ -113,7 +112,7 @@ class DCG(nn.Module):
             local_backbone or backbone,
             in_chans=in_chans,
             pretrained=pretrained,
-            small_input=small_input_default(self.crop_size),
+            small_input=small_input,  # as the global branch: 32-px crops of a 224 image keep the cheap stem
         )
         self.local_net = FeatureMap(local)
         self.mil = GatedAttentionMIL(local_dim, mil_hidden, num_classes)

@@ -1,0 +1,310 @@
+"""Accuracy benchmark: DiffMIC against a plain classifier and its own DCG, same epoch budget.
+
+For every MedMNIST ``.npz`` in a folder, every seed and every method:
+
+- ``classifier``: the DCG's backbone + a linear head (``diffmic.training.baseline``), E epochs;
+- ``dcg``: DiffMIC's guidance network alone (``train.epochs=0``: E DCG epochs, selected on the DCG);
+- ``diffmic``: the full model, E epochs split into DCG pre-training + joint epochs in the
+  proportion of the config file; reports the diffusion output and its DCG head.
+
+All use the same augmentation, the same validation-based selection (``train.select_metric``) and
+are evaluated on the test split. Writes one JSON per run and the ``accuracy`` section of
+``docs/benchmarks.md``.
+
+    python benchmarks/accuracy.py --quick          # < 10 min on 2 cores, smoke-level numbers
+    python benchmarks/accuracy.py                  # the full budget of configs/benchmark.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as common
+
+METHODS = ("classifier", "dcg", "diffmic")
+METRICS = ("acc", "f1", "qwk", "auroc", "ece")
+ORDINAL = ("retinamnist",)  # QWK is reported for these only
+QUICK = {
+    "epochs": 3,
+    "max_train": 256,
+    "overrides": ["model.backbone=test_resnet", "model.denoiser_backbone=test_resnet", "model.feature_dim=128"],
+}
+DEFAULT_DATA = Path(os.environ.get("DIFFMIC_SHARED_DATA", common.REPO.parent / "shared" / "data"))
+
+# Published numbers (docs anchors.md §1-2): (ACC, AUC); "R": recalled, not verified against the PDF.
+MEDMNIST_V2 = {  # Yang et al. 2023, Table 3: ResNet-18 (28), ResNet-50 (28)
+    "pathmnist": ((0.907, 0.983), (0.911, 0.990)),
+    "dermamnist": ((0.735, 0.917), (0.735, 0.913, "R")),
+    "pneumoniamnist": ((0.854, 0.944), (0.854, 0.948)),
+    "retinamnist": ((0.524, 0.717), (0.528, 0.726)),
+    "breastmnist": ((0.863, 0.901), (0.812, 0.857, "R")),
+    "bloodmnist": ((0.958, 0.998), (0.956, 0.997, "R")),
+}
+MEDMNIST_PLUS_R18_28 = {  # Doerrich et al. 2025, ResNet-18 end-to-end at 28, mean of 3 seeds
+    "pathmnist": (0.8554, 0.9824),
+    "dermamnist": (0.7338, 0.8835),
+    "pneumoniamnist": (0.8312, 0.9501),
+    "retinamnist": (0.5233, 0.7041),
+    "breastmnist": (0.8397, 0.8761),
+    "bloodmnist": (0.9193, 0.9924),
+}
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA, help="folder of MedMNIST .npz files")
+    p.add_argument("--datasets", nargs="+", help="file stems to run (default: every .npz in --data-dir)")
+    p.add_argument("--seeds", nargs="+", type=int, help="default 0 1 2 (quick: 0)")
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    p.add_argument("--epochs", type=int, help="epoch budget E per method (default: dcg_pretrain_epochs + "
+                   f"epochs of --config; quick: {QUICK['epochs']})")
+    p.add_argument("--config", type=Path, default=common.REPO / "configs" / "benchmark.yaml")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="config override applied to every method (after --quick's); repeatable")
+    p.add_argument("--max-train", type=int, help="use at most N training images (fixed random subset; "
+                   f"default all, quick: {QUICK['max_train']})")
+    p.add_argument("--quick", action="store_true",
+                   help="1 seed, few epochs, backbone test_resnet, capped training set: a smoke-level run")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
+    p.add_argument("--out", type=Path, help="result JSON (default benchmarks/results/accuracy-<timestamp>.json)")
+    p.add_argument("--docs", type=Path, default=common.DOCS, help="markdown file to update")
+    p.add_argument("--no-docs", action="store_true", help="do not update the markdown file")
+    p.add_argument("--work-dir", type=Path, help="run folders (default: a temporary folder, removed)")
+    p.add_argument("--keep-runs", action="store_true", help="keep the run folders (checkpoints, logs)")
+    return p.parse_args(argv)
+
+
+def split_budget(dcg: int, joint: int, total: int) -> tuple[int, int]:
+    """Split ``total`` epochs into (DCG pre-training, joint) in the proportion ``dcg : joint``."""
+    if joint == 0:
+        return total, 0
+    if dcg == 0 or total < 2:
+        return 0, total
+    d = min(max(round(total * dcg / (dcg + joint)), 1), total - 1)
+    return d, total - d
+
+
+def subsample(bundle: Any, n: int | None) -> Any:
+    """The same random ``n`` training images for every seed and method (seed 0)."""
+    from diffmic.data.base import DataBundle, ImageArray
+
+    if not n or len(bundle.train) <= n:
+        return bundle
+    idx = np.sort(np.random.default_rng(0).permutation(len(bundle.train))[:n])
+    train = ImageArray(bundle.train.images[idx], bundle.train.labels[idx])
+    return DataBundle(train, bundle.val, bundle.test, bundle.class_names, source=bundle.source)
+
+
+def run_one(method: str, cfg_path: Path, overrides: list[str], budget: dict[str, Any], data: Any,
+            run_dir: Path) -> dict[str, Any]:
+    """Train and evaluate one method; returns its val/test metrics and timings."""
+    from diffmic.config import DiffMICConfig
+    from diffmic.training.api import train
+    from diffmic.training.baseline import train_classifier
+
+    e, (d, j), warm = budget["epochs"], budget["diffmic_split"], budget["warmup_fraction"]
+    if method == "classifier":
+        cfg = DiffMICConfig.from_yaml(cfg_path, [*overrides, f"train.warmup_epochs={warm * e}"])
+        res = train_classifier(cfg, epochs=e, run_dir=run_dir, data=data)
+        return {"val": res["val"], "test": res["test"], "fit_seconds": res["fit_seconds"],
+                "selected_epoch": res["selected_epoch"]}
+    if method == "dcg":
+        extra = [f"train.dcg_pretrain_epochs={e}", "train.epochs=0", "eval.samples=1"]
+    else:
+        extra = [f"train.dcg_pretrain_epochs={d}", f"train.epochs={j}", f"train.warmup_epochs={warm * j}"]
+    cfg = DiffMICConfig.from_yaml(cfg_path, [*overrides, *extra])
+    m = train(cfg, run_dir=run_dir, data=data).metrics
+    out = {"fit_seconds": m["fit_seconds"], "selected_epoch": m["selected_epoch"]}
+    if method == "dcg":
+        return out | {"val": m["val"]["guidance"], "test": m["test"]["guidance"]}
+    return out | {"val": m["val"]["diffusion"], "test": m["test"]["diffusion"],
+                  "val_guidance": m["val"]["guidance"], "test_guidance": m["test"]["guidance"],
+                  "eval_settings": m["test"].get("settings")}
+
+
+def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean ± sd over seeds of the test metrics, per dataset and row (method or DiffMIC's DCG head)."""
+    rows: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for r in runs:
+        if "error" in r:
+            continue
+        ds = rows.setdefault(r["dataset"], {})
+        ds.setdefault(r["method"], []).append({**r["test"], "fit_seconds": r["fit_seconds"],
+                                               "wall_seconds": r["wall_seconds"]})
+        if "test_guidance" in r:
+            ds.setdefault("diffmic (DCG head)", []).append(dict(r["test_guidance"]))
+    out: dict[str, Any] = {}
+    for ds, per in rows.items():
+        out[ds] = {}
+        for row, vals in per.items():
+            keys = [k for k in (*METRICS, "balanced_acc", "fit_seconds", "wall_seconds") if k in vals[0]]
+            out[ds][row] = {k: common.mean_sd([v[k] for v in vals]) for k in keys} | {"seeds": len(vals)}
+    return out
+
+
+def markdown(result: dict[str, Any]) -> str:
+    s, info = result["settings"], result["run"]
+    commit = info["git_commit"] or "no commit"
+    if info.get("git_dirty"):
+        commit += " (uncommitted changes)"
+    d, j = s["diffmic_split"]
+    lines = [
+        "## Accuracy against baselines",
+        "",
+        (f"Command: `{info['command']}` · {commit} · {info['cpu_count']} CPUs, {info['torch_threads']} torch "
+        f"threads · {info['started']} · wall {result['wall_seconds']:.0f} s"),
+        "",
+        f"Budget: **{s['epochs']} epochs per method** (DiffMIC: {d} DCG pre-training + {j} joint). Backbone "
+        f"`{s['backbone']}` (DCG global/local and classifier), denoiser encoder `{s['denoiser_backbone']}`, "
+        f"feature_dim {s['feature_dim']}, {s['sampler']} {s['sampling_steps']} steps, {s['eval_samples']} "
+        f"sample(s). Selection on validation `{s['select_metric']}`; test split; mean ± sd over "
+        f"{len(s['seeds'])} seed(s) {s['seeds']}. Training images: "
+        + ", ".join(f"{k} {v}" for k, v in s["train_images"].items()) + ".",
+    ]
+    if s["quick"]:
+        lines += ["", (f"**Quick mode** (backbone `{s['backbone']}`, training set capped at {s['max_train']} "
+                  "images, few epochs): a smoke-level run, not comparable with published numbers.")]
+    lines += ["", "| dataset | method | ACC | macro-F1 | QWK | macro AUROC | ECE | fit s / run |",
+              "|---|---|---|---|---|---|---|---|"]
+    order = ["classifier", "dcg", "diffmic", "diffmic (DCG head)"]
+    for ds, per in result["summary"].items():
+        ordinal = any(ds.startswith(o) for o in ORDINAL)
+        for row in [r for r in order if r in per]:
+            st = per[row]
+            cells = [common.fmt_mean_sd(st.get(k)) if (k != "qwk" or ordinal) else "–" for k in METRICS]
+            fit = st.get("fit_seconds", {}).get("mean")
+            lines.append(f"| {ds} | {row} | " + " | ".join(cells) + f" | {'–' if fit is None else f'{fit:.0f}'} |")
+    errors = [r for r in result["runs"] if "error" in r]
+    if errors:
+        lines += ["", "Failed runs: " + "; ".join(f"{r['dataset']}/{r['method']}/seed {r['seed']}: "
+                                                   f"{r['error'].splitlines()[-1][:120]}" for r in errors)]
+    lines += ["", ("QWK only for ordinal datasets (RetinaMNIST). ECE: 15 equal-width bins (L1). "
+              "`diffmic (DCG head)` is the guidance prior of the same DiffMIC runs."), ""]
+    names = [ds for ds in result["summary"] if ds.split("_")[0] in MEDMNIST_V2] or \
+        [ds for ds in result["datasets"] if ds.split("_")[0] in MEDMNIST_V2]
+    if names:
+        lines += ["### Published MedMNIST numbers at 28×28 (published, not re-measured)", "",
+                  ("| dataset | v2 ResNet-18 (28) ACC | AUC | v2 ResNet-50 (28) ACC | AUC "
+                  "| MedMNIST+ ResNet-18 28 ACC | AUC |"), "|---|---|---|---|---|---|---|"]
+        for ds in names:
+            key = ds.split("_")[0]
+            r18, r50 = MEDMNIST_V2[key]
+            mark = " †" if len(r50) > 2 else ""
+            plus = MEDMNIST_PLUS_R18_28[key]
+            lines.append(f"| {key} | {r18[0]:.3f} | {r18[1]:.3f} | {r50[0]:.3f}{mark} | {r50[1]:.3f}{mark} "
+                         f"| {plus[0]:.3f} | {plus[1]:.3f} |")
+        lines += ["", ("Sources (docs anchors.md §1–2): MedMNIST v2 (Yang et al., Sci Data 2023, Table 3; 100 "
+                  "epochs, Adam 1e-3, no augmentation, selection on val AUC); MedMNIST+ (Doerrich et al., "
+                  "Sci Rep 2025; mean of 3 seeds, 28×28 images zero-padded to 224 into ImageNet-pretrained timm "
+                  "models, selection on val loss). "
+                  "† recalled from the paper, not verified against the PDF.")]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    threads = common.set_threads(args.threads)
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
+    from diffmic.config import DiffMICConfig
+    from diffmic.data.medmnist import read_medmnist
+
+    started = time.perf_counter()
+    info = common.run_info("benchmarks/accuracy.py", argv)
+    seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
+    overrides = [*(QUICK["overrides"] if args.quick else []), *args.overrides]
+    max_train = args.max_train if args.max_train is not None else (QUICK["max_train"] if args.quick else None)
+    base = DiffMICConfig.from_yaml(args.config, overrides)
+    t = base.train
+    epochs = args.epochs or (QUICK["epochs"] if args.quick else t.dcg_pretrain_epochs + t.epochs)
+    budget = {"epochs": epochs, "diffmic_split": split_budget(t.dcg_pretrain_epochs, t.epochs, epochs),
+              "warmup_fraction": t.warmup_epochs / t.epochs if t.epochs else 0.0}
+
+    files = sorted(args.data_dir.glob("*.npz"))
+    if args.datasets:
+        wanted = {Path(n).stem for n in args.datasets}
+        missing = wanted - {f.stem for f in files}
+        if missing:
+            print(f"accuracy: error: no {sorted(missing)} .npz in {args.data_dir}", file=sys.stderr)
+            return 2
+        files = [f for f in files if f.stem in wanted]
+    if not files:
+        print(f"accuracy: error: no .npz files in {args.data_dir}", file=sys.stderr)
+        return 2
+
+    out = args.out or common.RESULTS / f"accuracy-{common.timestamp()}.json"
+    work = args.work_dir or Path(tempfile.mkdtemp(prefix="diffmic-accuracy-"))
+    work.mkdir(parents=True, exist_ok=True)
+    print(f"[accuracy] {'QUICK mode: ' if args.quick else ''}backbone {base.model.backbone}, denoiser "
+          f"{base.model.denoiser_backbone}, feature_dim {base.model.feature_dim}, {epochs} epochs per method "
+          f"(DiffMIC {budget['diffmic_split'][0]} DCG + {budget['diffmic_split'][1]} joint), seeds {seeds}, "
+          f"train images capped at {max_train or 'all'}, {threads} torch threads", flush=True)
+    runs: list[dict[str, Any]] = []
+    method_seconds = {m: 0.0 for m in args.methods}
+    train_images = {}
+    try:
+        for f in files:
+            data = subsample(read_medmnist(f), max_train)
+            train_images[f.stem] = len(data.train)
+            for seed in seeds:
+                for method in args.methods:
+                    ov = [*overrides, f"data.path={f}", f"train.seed={seed}"]
+                    tic = time.perf_counter()
+                    record: dict[str, Any] = {"dataset": f.stem, "seed": seed, "method": method}
+                    try:
+                        record |= run_one(method, args.config, ov, budget, data, work / f.stem / str(seed) / method)
+                    except Exception:  # noqa: BLE001 - keep going; the failure is recorded and makes the exit code 1
+                        record["error"] = traceback.format_exc()
+                    record["wall_seconds"] = round(time.perf_counter() - tic, 1)
+                    method_seconds[method] += record["wall_seconds"]
+                    runs.append(record)
+                    what = (f"test acc {record['test']['acc']:.3f}" if "test" in record
+                            else "FAILED: " + record["error"].strip().splitlines()[-1])
+                    print(f"[accuracy] {f.stem} seed {seed} {method}: {what} ({record['wall_seconds']:.0f} s)",
+                          flush=True)
+    finally:
+        if not args.keep_runs and args.work_dir is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+    result = {
+        "benchmark": "accuracy",
+        "run": info | {"torch_threads": threads},
+        "settings": {
+            "config": str(args.config), "overrides": overrides, "quick": args.quick, "seeds": seeds,
+            "methods": args.methods, "epochs": epochs, "diffmic_split": list(budget["diffmic_split"]),
+            "warmup_fraction": budget["warmup_fraction"], "max_train": max_train, "train_images": train_images,
+            "backbone": base.model.backbone, "denoiser_backbone": base.model.denoiser_backbone,
+            "feature_dim": base.model.feature_dim, "sampler": base.diffusion.sampler,
+            "sampling_steps": base.diffusion.sampling_steps, "eval_samples": base.eval.samples,
+            "select_metric": base.train.select_metric, "resolved_config": base.to_dict(),
+        },
+        "datasets": [f.stem for f in files],
+        "wall_seconds": round(time.perf_counter() - started, 1),
+        "wall_seconds_per_method": {m: round(s, 1) for m, s in method_seconds.items()},
+        "runs": runs,
+        "summary": summarise(runs),
+    }
+    common.write_json(out, result)
+    print(f"[accuracy] wrote {out}")
+    if not args.no_docs:
+        common.update_section(args.docs, "accuracy", markdown(result))
+        print(f"[accuracy] updated {args.docs}")
+    return 1 if any("error" in r for r in runs) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,452 @@
+"""Speed benchmark on CPU: DiffMIC inference and training cost against a plain classifier.
+
+Random weights (speed only). For each image size: a plain classifier with the DCG's backbone (the
+reference, same small-stem rule: 3x3 stride-1 stem for sizes <= 64), the DCG alone, DiffMIC with the
+default DDIM sampler at several step counts (image features computed once), DiffMIC with several
+samples per image, DiffMIC with the shared-encoder option, the original's "encoder recomputed at
+every step" chain, and one training step of each phase (classifier, DCG pre-training, joint
+DiffMIC step as ``DiffMICModule.training_step``). Each number is the median over timed repeats
+after warm-up, reported as ms/img and as a ratio to the plain classifier of the same run.
+
+    python benchmarks/speed.py                     # sizes 28 64 224, steps 10 50 250 1000
+    python benchmarks/speed.py --full              # + 1000 steps at 224, 250-step reference chain
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as common
+
+RESULT_TAG = "@@SPEED-RESULT@@"
+NUM_CLASSES = 7  # ISIC-like
+FAITHFUL_224_FEATURE_DIM = 6144  # the original's denoiser width (ISIC / APTOS at 224)
+TARGETS = {"infer_ratio": 2.5, "shared_ratio": 1.5, "recompute_speedup": 20.0, "train_ratio": 3.0,
+           "infer_ms_224": 110.0, "train_ms_224": 175.0, "original_steps": 250}
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", type=Path, default=common.REPO / "configs" / "benchmark.yaml")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="config override for every case; repeatable")
+    p.add_argument("--sizes", nargs="+", type=int, default=[28, 64, 224])
+    p.add_argument("--steps", nargs="+", type=int, default=[10, 50, 250, 1000],
+                   help="DDIM step counts (the config's sampling_steps is always added)")
+    p.add_argument("--ref-steps", nargs="+", type=int,
+                   help="step counts of the encoder-recomputed-every-step chain (default 10 50; --full adds 250)")
+    p.add_argument("--samples", nargs="+", type=int, default=[1, 16], help="samples per image at the default steps")
+    p.add_argument("--full", action="store_true", help="also 1000 steps at sizes > 64 and the 250-step reference")
+    p.add_argument("--backbone", help="backbone for the DCG, the denoiser encoder and the classifier "
+                   "(default: the config's; e.g. test_resnet for a smoke run)")
+    p.add_argument("--feature-dim", type=int, help="denoiser width at every size (default: the config's "
+                   f"at sizes <= 64, {FAITHFUL_224_FEATURE_DIM} above)")
+    p.add_argument("--batch", type=int, help="batch size (default 64 for sizes <= 64, 16 above)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed calls before timing (at least 1)")
+    p.add_argument("--repeats", type=int, default=5, help="timed calls per case (median reported)")
+    p.add_argument("--max-case-seconds", type=float, default=60.0,
+                   help="fewer repeats (at least 1) for cases whose single call would exceed this in total")
+    p.add_argument("--no-train", action="store_true", help="skip the training-step cases")
+    p.add_argument("--in-process", action="store_true",
+                   help="run every case in this process (faster; memory is then the cumulative process peak)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
+    p.add_argument("--out", type=Path, help="result JSON (default benchmarks/results/speed-<timestamp>.json)")
+    p.add_argument("--docs", type=Path, default=common.DOCS, help="markdown file to update")
+    p.add_argument("--no-docs", action="store_true", help="do not update the markdown file")
+    p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: run one case (JSON spec) and exit
+    return p.parse_args(argv)
+
+
+# ------------------------------------------------------------------------------------ cases
+def plan(args: argparse.Namespace, default_steps: int, timesteps: int, backbone: str) -> tuple[list[dict], list[dict]]:
+    """The cases to run and the ones skipped (with the reason)."""
+    cases, skipped = [], []
+    ref_steps = args.ref_steps or ([10, 50, 250] if args.full else [10, 50])
+
+    def add(size: int, kind: str, name: str, **kw: Any) -> None:
+        steps = kw.get("steps")
+        reason = None
+        if steps is not None and steps > timesteps:
+            reason = f"{steps} steps exceed diffusion.timesteps={timesteps}"
+        elif steps is not None and steps >= 1000 and size > 64 and not args.full:
+            reason = f"{steps} steps at {size}px skipped (run with --full); not estimated"
+        entry = {"size": size, "batch": args.batch or (64 if size <= 64 else 16), "kind": kind, "name": name, **kw}
+        (skipped if reason else cases).append(entry | ({"reason": reason} if reason else {}))
+
+    for size in args.sizes:
+        add(size, "infer_classifier", f"plain {backbone} classifier")
+        add(size, "infer_dcg", "DCG alone")
+        for k in sorted(set(args.steps) | {default_steps}):
+            add(size, "infer_diffmic", f"DiffMIC ddim {k} steps", steps=k, samples=1)
+        for n in sorted(set(args.samples) - {1}):
+            add(size, "infer_diffmic", f"DiffMIC ddim {default_steps} steps x {n} samples", steps=default_steps, samples=n)
+        add(size, "infer_shared", f"DiffMIC shared encoder, ddim {default_steps} steps", steps=default_steps, samples=1)
+        for k in sorted(set(ref_steps)):
+            add(size, "infer_recompute", f"reference: encoder recomputed every step, {k} steps", steps=k)
+        if not args.no_train:
+            add(size, "train_classifier", f"train step: plain {backbone} classifier")
+            add(size, "train_dcg", "train step: DCG pre-training")
+            add(size, "train_joint", "train step: joint DiffMIC (diffusion + DCG CE)")
+    return cases, skipped
+
+
+def build_cfg(spec: dict[str, Any]) -> Any:
+    from diffmic.config import DiffMICConfig
+
+    ov = list(spec["overrides"])
+    if spec.get("backbone"):
+        ov += [f"model.backbone={spec['backbone']}", f"model.denoiser_backbone={spec['backbone']}",
+               "model.local_backbone=null"]
+    fd = spec.get("feature_dim") or (None if spec["size"] <= 64 else FAITHFUL_224_FEATURE_DIM)
+    if fd:
+        ov.append(f"model.feature_dim={fd}")
+    if spec["kind"] == "infer_shared":
+        ov.append("model.share_encoder=true")
+    ov += ["train.dcg_pretrain_epochs=1", "train.epochs=10"]  # so the module has both phases
+    return DiffMICConfig.from_yaml(spec["config"], ov)
+
+
+def timed(fn: Callable[[], Any], warmup: int, repeats: int, max_seconds: float) -> dict[str, Any]:
+    """Median seconds per call after warm-up; fewer calls for slow cases (at least one timed)."""
+    tic = time.perf_counter()
+    fn()
+    first = time.perf_counter() - tic
+    for _ in range(max(0, warmup - 1)):
+        if first * 2 > max_seconds:
+            break
+        fn()
+    n = max(1, min(repeats, int(max_seconds // max(first, 1e-9))))
+    times = []
+    for _ in range(n):
+        tic = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - tic)
+    return {"seconds": statistics.median(times), "repeats": n, "all_seconds": [round(t, 5) for t in times]}
+
+
+def run_case(spec: dict[str, Any]) -> dict[str, Any]:
+    """Build what one case needs (random weights), time it, return the measurements."""
+    import torch
+    import torch.nn.functional as F
+
+    from diffmic.diffusion.sampling import sample
+    from diffmic.models.factory import build_model
+    from diffmic.training.baseline import ClassifierModule
+
+    cfg = build_cfg(spec)
+    size, b, kind = spec["size"], spec["batch"], spec["kind"]
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (b, 3, size, size), dtype=torch.uint8)
+    y = torch.randint(0, NUM_CLASSES, (b,))
+    margs = {"num_classes": NUM_CLASSES, "in_chans": 3, "image_size": size}
+    gen = torch.Generator().manual_seed(0)
+    params = None
+
+    if kind in ("infer_classifier", "train_classifier"):
+        cm = ClassifierModule(cfg.to_dict(), margs, epochs=1)
+        params = sum(p.numel() for p in cm.parameters())
+        if kind == "infer_classifier":
+            cm.eval()
+            x = cm.inputs(images, train=False)
+
+            def fn() -> Any:
+                with torch.inference_mode():
+                    return cm(x)
+        else:
+            cm.train()
+            opt = torch.optim.Adam(cm.parameters(), lr=cfg.train.lr)
+
+            def fn() -> Any:
+                loss = F.cross_entropy(cm(cm.inputs(images, train=True)), y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(cm.parameters(), cfg.train.grad_clip)
+                opt.step()
+    elif kind.startswith("infer"):
+        model = build_model(cfg, **margs).eval()
+        params = sum(p.numel() for p in model.parameters())
+        x = model.normalize(images.float() / 255.0)
+        steps, samples = spec.get("steps"), spec.get("samples", 1)
+        if kind == "infer_dcg":
+            params = sum(p.numel() for p in model.guidance.parameters())
+
+            def call() -> Any:
+                return model.guidance(x)
+        elif kind in ("infer_diffmic", "infer_shared"):
+            def call() -> Any:
+                return model(x, samples=samples, generator=gen, sampler="ddim", num_steps=steps)
+        else:  # the original: the denoiser's image encoder runs again inside every denoiser call
+            def call() -> Any:
+                prior = model.guidance(x).logits.softmax(1)
+
+                def denoise_fn(y_t: Any, t: Any) -> Any:
+                    return model.denoiser.denoise(model.denoiser.encode(x), y_t, prior, t)
+
+                return sample(model.schedule, denoise_fn, prior, sampler="ddim", num_steps=steps, generator=gen)
+
+        def fn() -> Any:
+            with torch.inference_mode():
+                return call()
+    else:
+        module = training_module(cfg, margs)
+        params = sum(p.numel() for p in module.model.parameters())
+        epoch = 0 if kind == "train_dcg" else cfg.train.dcg_pretrain_epochs
+        module._trainer = SimpleNamespace(current_epoch=epoch, num_training_batches=100)
+        module.train()
+
+        def fn() -> Any:
+            return module.training_step((images, y), 10)
+
+    t = timed(fn, spec["warmup"], spec["repeats"], spec["max_case_seconds"])
+    return {"ms_per_img": 1000 * t["seconds"] / b, "img_per_s": b / t["seconds"], "repeats": t["repeats"],
+            "batch_seconds": t["all_seconds"], "params": params,
+            "feature_dim": cfg.model.feature_dim, "backbone": cfg.model.backbone}
+
+
+def training_module(cfg: Any, margs: dict[str, Any]) -> Any:
+    """A ``DiffMICModule`` whose ``training_step`` runs outside a Trainer (optimisers, backward,
+    clipping and logging wired to plain torch): the timed code is the module's own step."""
+    import torch
+
+    from diffmic.training.module import DiffMICModule
+
+    module = DiffMICModule(cfg.to_dict(), margs | {"class_names": [str(i) for i in range(NUM_CLASSES)]})
+    opts = module.configure_optimizers()
+
+    def clip(opt: Any, gradient_clip_val: float | None = None, gradient_clip_algorithm: str = "norm") -> None:
+        params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
+        torch.nn.utils.clip_grad_norm_(params, gradient_clip_val or 0.0)
+
+    module.optimizers = lambda use_pl_optimizer=True: opts  # type: ignore[method-assign]
+    module.manual_backward = lambda loss, *a, **k: loss.backward()  # type: ignore[method-assign]
+    module.clip_gradients = clip  # type: ignore[method-assign]
+    module.log = lambda *a, **k: None  # type: ignore[method-assign]
+    module.log_dict = lambda *a, **k: None  # type: ignore[method-assign]
+    return module
+
+
+def maxrss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def in_subprocess(spec: dict[str, Any], threads: int) -> dict[str, Any]:
+    """Run one case in a fresh interpreter; its peak RSS is that process's ``ru_maxrss``."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--threads", str(threads), "--worker", json.dumps(spec)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(RESULT_TAG):
+            return json.loads(line[len(RESULT_TAG):])
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+    return {"error": f"worker exited with {proc.returncode}: " + " | ".join(tail)}
+
+
+def worker(spec: dict[str, Any]) -> int:
+    try:
+        if spec["kind"] == "baseline":  # the imports of every case, nothing built
+            for name in ("diffmic.diffusion.sampling", "diffmic.models.factory", "diffmic.training.baseline",
+                         "diffmic.training.module"):
+                importlib.import_module(name)
+            out: dict[str, Any] = {}
+        else:
+            out = run_case(spec)
+    except Exception:  # noqa: BLE001 - reported to the parent process
+        out = {"error": traceback.format_exc()}
+    out["peak_rss_mb"] = round(maxrss_mb(), 1)
+    print(RESULT_TAG + json.dumps(out), flush=True)
+    return 0
+
+
+# ---------------------------------------------------------------------------------- report
+def add_ratios(results: list[dict[str, Any]]) -> None:
+    for r in results:
+        ref_kind = "train_classifier" if r["kind"].startswith("train") else "infer_classifier"
+        ref = next((q for q in results if q["kind"] == ref_kind and q["size"] == r["size"] and "ms_per_img" in q), None)
+        r["ratio_to_classifier"] = r["ms_per_img"] / ref["ms_per_img"] if ref and "ms_per_img" in r else None
+
+
+def targets(results: list[dict[str, Any]], default_steps: int) -> list[dict[str, Any]]:
+    """The goals of docs original-speed.md, evaluated on the measured numbers."""
+    rows = []
+    t = TARGETS
+
+    def find(kind: str, size: int, **kw: Any) -> dict[str, Any] | None:
+        return next((r for r in results if r["kind"] == kind and r["size"] == size and "ms_per_img" in r
+                     and all(r.get(k) == v for k, v in kw.items())), None)
+
+    for size in sorted({r["size"] for r in results}):
+        default = find("infer_diffmic", size, steps=default_steps, samples=1)
+        if default and default["ratio_to_classifier"] is not None:
+            v = default["ratio_to_classifier"]
+            rows.append({"target": f"DiffMIC inference, default sampler (ddim {default_steps} steps, 1 sample) "
+                         f"≤ {t['infer_ratio']}× plain classifier", "size": size, "measured": f"{v:.2f}×",
+                         "status": "met" if v <= t["infer_ratio"] else "not met"})
+        shared = find("infer_shared", size)
+        if shared and shared["ratio_to_classifier"] is not None:
+            v = shared["ratio_to_classifier"]
+            rows.append({"target": f"shared-encoder option ≤ {t['shared_ratio']}× plain classifier", "size": size,
+                         "measured": f"{v:.2f}×", "status": "met" if v <= t["shared_ratio"] else "not met"})
+        refs = sorted((r for r in results if r["kind"] == "infer_recompute" and r["size"] == size
+                       and "ms_per_img" in r), key=lambda r: r["steps"])
+        if default and refs:
+            speed = {r["steps"]: r["ms_per_img"] / default["ms_per_img"] for r in refs}
+            measured = ", ".join(f"{s:.1f}× vs {k} steps" for k, s in speed.items())
+            upto = [k for k in speed if k <= t["original_steps"]]
+            k = max(upto) if upto else None
+            if k == t["original_steps"]:
+                status = "met" if speed[k] >= t["recompute_speedup"] else "not met"
+            elif k is not None and speed[k] >= t["recompute_speedup"]:
+                status = f"met (already at {k} steps; the {t['original_steps']}-step chain is slower still)"
+            else:
+                status = f"not shown: the {t['original_steps']}-step reference was not run (--full)"
+            rows.append({"target": f"≥ {t['recompute_speedup']:.0f}× faster than the original chain (encoder "
+                         f"recomputed every step, {t['original_steps']} steps for ISIC)", "size": size,
+                         "measured": measured, "status": status})
+        joint = find("train_joint", size)
+        if joint and joint["ratio_to_classifier"] is not None:
+            v = joint["ratio_to_classifier"]
+            rows.append({"target": f"joint training step ≤ {t['train_ratio']}× plain classifier step", "size": size,
+                         "measured": f"{v:.2f}×", "status": "met" if v <= t["train_ratio"] else "not met"})
+        if size >= 224:
+            if default:
+                v = default["ms_per_img"]
+                rows.append({"target": f"inference ≤ {t['infer_ms_224']:.0f} ms/img at 224 (ISIC config; absolute, "
+                             "the 2-core reference CPU)", "size": size, "measured": f"{v:.1f} ms",
+                             "status": "met" if v <= t["infer_ms_224"] else "not met"})
+            if joint:
+                v = joint["ms_per_img"]
+                rows.append({"target": f"training ≤ {t['train_ms_224']:.0f} ms/img at 224 (absolute, the 2-core "
+                             "reference CPU)", "size": size, "measured": f"{v:.1f} ms",
+                             "status": "met" if v <= t["train_ms_224"] else "not met"})
+    return rows
+
+
+def markdown(result: dict[str, Any]) -> str:
+    info, s = result["run"], result["settings"]
+    commit = info["git_commit"] or "no commit"
+    if info.get("git_dirty"):
+        commit += " (uncommitted changes)"
+    lines = [
+        "## Speed: inference and training on CPU",
+        "",
+        (f"Command: `{info['command']}` · {commit} · {info['cpu_count']} CPUs, {info['torch_threads']} torch "
+        f"threads · {info['started']} · wall {result['wall_seconds']:.0f} s"),
+        "",
+        (f"Random weights, {NUM_CLASSES} classes; median of up to {s['repeats']} timed batches after {s['warmup']} "
+        f"warm-up call(s) (fewer for cases slower than {s['max_case_seconds']:.0f} s in total; see the JSON). "
+        f"Backbone `{s['backbone']}` for the DCG (global branch + local branch on K crops), the denoiser encoder "
+        f"and the plain classifier; small stem at ≤ 64 px. Denoiser width: {s['feature_dim_note']}. "
+        f"Ratios: to the plain classifier of the same size in this run (inference cases to its inference, "
+        f"training steps to its training step). Memory: {result['memory_method']}."),
+    ]
+    for size in s["sizes"]:
+        rows = [r for r in result["results"] if r["size"] == size]
+        if not rows:
+            continue
+        lines += ["", f"### {size}×{size} (batch {rows[0]['batch']})", "",
+                  "| case | ms/img | img/s | × plain classifier | peak RSS MB |", "|---|---|---|---|---|"]
+        for r in rows:
+            if "ms_per_img" not in r:
+                lines.append(f"| {r['name']} | error: {r.get('error', '?').strip().splitlines()[-1][:100]} | | | |")
+                continue
+            ratio = "–" if r["ratio_to_classifier"] is None else f"{r['ratio_to_classifier']:.2f}×"
+            mem = r.get("peak_rss_mb")
+            lines.append(f"| {r['name']} | {r['ms_per_img']:.2f} | {r['img_per_s']:.1f} | {ratio} | "
+                         f"{'–' if mem is None else f'{mem:.0f}'} |")
+        skipped = [q for q in result["skipped"] if q["size"] == size]
+        if skipped:
+            lines += ["", "Not run: " + "; ".join(f"{q['name']} ({q['reason']})" for q in skipped) + "."]
+    if result["targets"]:
+        lines += ["", "### Targets (docs original-speed.md) and where we stand", "",
+                  "Computed from the measurements above by `benchmarks/speed.py`.", "",
+                  "| target | size | measured | status |", "|---|---|---|---|"]
+        lines += [f"| {r['target']} | {r['size']} | {r['measured']} | {r['status']} |" for r in result["targets"]]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    threads = common.set_threads(args.threads)
+    if args.worker:
+        return worker(json.loads(args.worker))
+    from diffmic.config import DiffMICConfig
+
+    started = time.perf_counter()
+    info = common.run_info("benchmarks/speed.py", argv)
+    base = DiffMICConfig.from_yaml(args.config, args.overrides)
+    default_steps = base.diffusion.sampling_steps
+    cases, skipped = plan(args, default_steps, base.diffusion.timesteps, args.backbone or base.model.backbone)
+    common_spec = {"config": str(args.config), "overrides": args.overrides, "backbone": args.backbone,
+                   "feature_dim": args.feature_dim, "warmup": max(1, args.warmup), "repeats": max(1, args.repeats),
+                   "max_case_seconds": args.max_case_seconds}
+    baseline_rss = None
+    if args.in_process:
+        memory = ("cumulative peak RSS of the benchmark process after the case (ru_maxrss; monotone, an "
+                  "upper bound per case, not per-case memory)")
+    else:
+        baseline_rss = in_subprocess(common_spec | {"kind": "baseline", "size": 0}, threads).get("peak_rss_mb")
+        memory = (f"peak RSS (ru_maxrss) of a fresh subprocess per case; a subprocess that only imports "
+                  f"torch, timm, lightning and diffmic peaks at {baseline_rss} MB")
+    results = []
+    for case in cases:
+        spec = common_spec | case
+        tic = time.perf_counter()
+        if args.in_process:
+            try:
+                out = run_case(spec)
+            except Exception:  # noqa: BLE001 - recorded in the results, the run goes on
+                out = {"error": traceback.format_exc()}
+            out["peak_rss_mb"] = round(maxrss_mb(), 1)
+        else:
+            out = in_subprocess(spec, threads)
+        r = case | out | {"wall_seconds": round(time.perf_counter() - tic, 1)}
+        results.append(r)
+        what = f"{r['ms_per_img']:.2f} ms/img" if "ms_per_img" in r else "FAILED"
+        print(f"[speed] {case['size']}px {case['name']}: {what}", flush=True)
+    add_ratios(results)
+    fd = args.feature_dim
+    result = {
+        "benchmark": "speed",
+        "run": info | {"torch_threads": threads},
+        "settings": {
+            "config": str(args.config), "overrides": args.overrides, "sizes": args.sizes, "steps": args.steps,
+            "ref_steps": args.ref_steps or ([10, 50, 250] if args.full else [10, 50]), "samples": args.samples,
+            "full": args.full, "warmup": max(1, args.warmup), "repeats": max(1, args.repeats),
+            "max_case_seconds": args.max_case_seconds, "default_sampling_steps": default_steps,
+            "backbone": args.backbone or base.model.backbone, "num_classes": NUM_CLASSES,
+            "feature_dim_note": (f"{fd} at every size" if fd else f"{base.model.feature_dim} (config) at ≤ 64 px, "
+                                 f"{FAITHFUL_224_FEATURE_DIM} (ISIC-like, as the original) above"),
+            "resolved_config": base.to_dict(),
+        },
+        "memory_method": memory,
+        "baseline_rss_mb": baseline_rss,
+        "wall_seconds": round(time.perf_counter() - started, 1),
+        "results": results,
+        "skipped": skipped,
+    }
+    result["targets"] = targets(results, default_steps)
+    out_path = args.out or common.RESULTS / f"speed-{common.timestamp()}.json"
+    common.write_json(out_path, result)
+    print(f"[speed] wrote {out_path}")
+    if not args.no_docs:
+        common.update_section(args.docs, "speed", markdown(result))
+        print(f"[speed] updated {args.docs}")
+    return 1 if any("error" in r for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""Smoke tests of benchmarks/accuracy.py and benchmarks/speed.py on tiny synthetic settings.
+
+They check the plumbing (runs complete, JSON structure, markdown sections), never timings.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+
+TINY_CONFIG = """
+data: {batch_size: 20, eval_batch_size: 64}
+model: {backbone: test_resnet, denoiser_backbone: test_resnet, small_input: false, feature_dim: 16,
+        num_crops: 2, mil_hidden: 8}
+diffusion: {timesteps: 50, sampling_steps: 2}
+train: {dcg_pretrain_epochs: 1, epochs: 3, warmup_epochs: 1.0, progress: false}
+eval: {samples: 1}
+"""
+
+
+def _load(name: str) -> ModuleType:
+    path = REPO / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"diffmic_benchmarks_{name}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def keep_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def tiny(tmp_path: Path) -> dict[str, Path]:
+    """A synthetic 28x28 MedMNIST-format file (named like an ordinal dataset) and a tiny config."""
+    rng = np.random.default_rng(0)
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    arrays = {}
+    for split, n in (("train", 40), ("val", 16), ("test", 16)):
+        labels = np.arange(n) % 3
+        images = rng.integers(0, 80, (n, 28, 28)) + 80 * labels[:, None, None]
+        arrays[f"{split}_images"] = images.astype(np.uint8)
+        arrays[f"{split}_labels"] = labels[:, None].astype(np.uint8)
+    np.savez(data_dir / "retinamnist.npz", **arrays)
+    config = tmp_path / "tiny.yaml"
+    config.write_text(TINY_CONFIG)
+    docs = tmp_path / "docs" / "benchmarks.md"
+    docs.parent.mkdir()
+    docs.write_text("# Benchmarks\n\nHand-written intro that must survive.\n")
+    return {"data": data_dir, "config": config, "docs": docs, "tmp": tmp_path}
+
+
+def test_accuracy_and_speed_smoke(tiny: dict[str, Path], keep_threads: None) -> None:
+    accuracy, speed = _load("accuracy"), _load("speed")
+    out = tiny["tmp"] / "accuracy.json"
+    rc = accuracy.main([
+        "--data-dir", str(tiny["data"]), "--config", str(tiny["config"]), "--seeds", "0", "--epochs", "1",
+        "--out", str(out), "--docs", str(tiny["docs"]), "--threads", "1",
+    ])
+    assert rc == 0
+    result = json.loads(out.read_text())
+    assert result["benchmark"] == "accuracy"
+    for key in ("command", "git_commit", "cpu_count", "torch_threads"):
+        assert key in result["run"]
+    assert result["run"]["command"].startswith("python benchmarks/accuracy.py")
+    assert result["run"]["torch_threads"] == 1
+    assert set(result["wall_seconds_per_method"]) == {"classifier", "dcg", "diffmic"}
+    assert result["settings"]["epochs"] == 1
+    assert len(result["runs"]) == 3 and not any("error" in r for r in result["runs"])
+    for run in result["runs"]:
+        assert set(run["test"]) >= {"acc", "f1", "qwk", "auroc", "ece"}
+        assert run["fit_seconds"] >= 0 and run["wall_seconds"] >= 0
+    diffmic = next(r for r in result["runs"] if r["method"] == "diffmic")
+    assert set(diffmic["test_guidance"]) >= {"acc", "auroc"}
+    summary = result["summary"]["retinamnist"]
+    assert set(summary) == {"classifier", "dcg", "diffmic", "diffmic (DCG head)"}
+    assert summary["diffmic"]["acc"]["n"] == 1 and summary["diffmic"]["seeds"] == 1
+
+    text = tiny["docs"].read_text()
+    assert "Hand-written intro that must survive." in text
+    assert text.count("<!-- accuracy:start -->") == 1 and text.count("<!-- accuracy:end -->") == 1
+    section = text.split("<!-- accuracy:start -->")[1].split("<!-- accuracy:end -->")[0]
+    assert "| retinamnist | diffmic |" in section and "| retinamnist | classifier |" in section
+    assert "published, not re-measured" in section and "0.524" in section  # MedMNIST v2 ResNet-18 (28)
+
+    out = tiny["tmp"] / "speed.json"
+    rc = speed.main([
+        "--config", str(tiny["config"]), "--backbone", "test_resnet", "--feature-dim", "16",
+        "--sizes", "28", "--steps", "2", "--ref-steps", "2", "--samples", "1", "2",
+        "--repeats", "1", "--warmup", "1", "--in-process", "--threads", "1",
+        "--out", str(out), "--docs", str(tiny["docs"]),
+    ])
+    assert rc == 0
+    result = json.loads(out.read_text())
+    assert result["benchmark"] == "speed" and result["run"]["torch_threads"] == 1
+    kinds = {r["kind"] for r in result["results"]}
+    assert kinds == {"infer_classifier", "infer_dcg", "infer_diffmic", "infer_shared", "infer_recompute",
+                     "train_classifier", "train_dcg", "train_joint"}
+    for r in result["results"]:
+        assert "error" not in r, r.get("error")
+        assert r["ms_per_img"] > 0 and r["ratio_to_classifier"] > 0 and r["peak_rss_mb"] > 0
+    assert {(r["steps"], r["samples"]) for r in result["results"] if r["kind"] == "infer_diffmic"} == {(2, 1), (2, 2)}
+    assert any("250-step" in t["target"] or "250 steps" in t["target"] for t in result["targets"])
+
+    text = tiny["docs"].read_text()
+    assert "Hand-written intro that must survive." in text and "<!-- accuracy:start -->" in text
+    section = text.split("<!-- speed:start -->")[1].split("<!-- speed:end -->")[0]
+    assert "### 28×28 (batch 64)" in section and "× plain classifier" in section
+    assert "### Targets" in section
+
+
+def test_speed_skips_1000_steps_at_224_without_full() -> None:
+    speed = _load("speed")
+    args = speed.parse_args(["--sizes", "28", "224", "--no-train"])
+    cases, skipped = speed.plan(args, 10, 1000, "resnet18")
+    assert [(c["size"], c["steps"]) for c in skipped] == [(224, 1000)]
+    assert "--full" in skipped[0]["reason"]
+    assert {c["steps"] for c in cases if c["kind"] == "infer_recompute"} == {10, 50}
+    args = speed.parse_args(["--sizes", "224", "--full", "--no-train"])
+    cases, skipped = speed.plan(args, 10, 1000, "resnet18")
+    assert not skipped and {c["steps"] for c in cases if c["kind"] == "infer_recompute"} == {10, 50, 250}
+    assert {c["batch"] for c in cases} == {16}
+
+
+def test_accuracy_budget_split() -> None:
+    accuracy = _load("accuracy")
+    assert accuracy.split_budget(15, 85, 100) == (15, 85)
+    assert accuracy.split_budget(15, 85, 3) == (1, 2)
+    assert accuracy.split_budget(15, 85, 1) == (0, 1)
+    assert accuracy.split_budget(3, 0, 5) == (5, 0)
