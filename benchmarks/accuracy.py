@@ -37,8 +37,8 @@ METHODS = ("classifier", "dcg", "diffmic")
 METRICS = ("acc", "f1", "qwk", "auroc", "ece")
 ORDINAL = ("retinamnist",)  # QWK is reported for these only
 QUICK = {
-    "epochs": 3,
-    "max_train": 256,
+    "epochs": 6,
+    "max_train": 512,
     "overrides": ["model.backbone=test_resnet", "model.denoiser_backbone=test_resnet", "model.feature_dim=128"],
 }
 DEFAULT_DATA = Path(os.environ.get("DIFFMIC_SHARED_DATA", common.REPO.parent / "shared" / "data"))

@@ -79,6 +79,7 @@ def train(cfg: DiffMICConfig, *, run_dir: str | Path | None = None, data: DataBu
     from diffmic.training.datamodule import ArrayDataModule
     from diffmic.training.module import DiffMICModule
 
+    cfg = DiffMICConfig.from_dict(cfg.to_dict())  # private copy: the caller's config is not changed
     run_dir = Path(run_dir) if run_dir is not None else make_run_dir(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
