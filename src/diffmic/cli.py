@@ -24,6 +24,7 @@ EXAMPLES = {
     "train": "example:\n  diffmic train --config configs/retinamnist.yaml --set train.epochs=20",
     "evaluate": "example:\n  diffmic evaluate --checkpoint runs/retinamnist/model.pt --split test --out test.json",
     "predict": "example:\n  diffmic predict --checkpoint runs/retinamnist/model.pt img1.png img2.jpg --out preds.csv",
+    "explain": "example:\n  diffmic explain --checkpoint runs/retinamnist/model.pt img1.png img2.jpg --out explain/",
     "config": "example:\n  diffmic config --config configs/retinamnist.yaml --set train.epochs=5",
 }
 
@@ -71,6 +72,15 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--samples", type=int, default=1, help="reverse chains per image")
     pr.add_argument("--seed", type=int, default=0)
     pr.add_argument("--out", type=Path, help="write a CSV here (default: stdout)")
+
+    x = add("explain", "Save a figure per image: ROI crops with attention weights, the predicted class's "
+                       "saliency map, and DCG prior vs diffusion probabilities.")
+    x.add_argument("--checkpoint", required=True, type=Path, help="model.pt or a Lightning .ckpt")
+    x.add_argument("images", nargs="+", type=Path, help="image files")
+    x.add_argument("--out", required=True, type=Path, metavar="DIR",
+                   help="output folder for <stem>_explain.png (created if its parent exists)")
+    x.add_argument("--samples", type=int, default=1, help="reverse chains per image")
+    x.add_argument("--seed", type=int, default=0)
 
     c = add("config", "Print the resolved configuration as YAML.")
     config_args(c)
@@ -179,12 +189,21 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     model = DiffMIC.from_checkpoint(args.checkpoint)
     images = [_read_image_file(p) for p in args.images]
     gen = torch.Generator().manual_seed(args.seed)
-    probs = torch.cat([model.predict_proba(im, samples=args.samples, generator=gen) for im in images])
+    details = [model.predict_details(im, samples=args.samples, generator=gen) for im in images]
+    cols = {k: torch.cat([d[k] for d in details]).tolist()
+            for k in ("probs", "entropy", "votes", "interval_low", "interval_high")}
+    names = model.class_names
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["path", "prediction", *[f"p_{c}" for c in model.class_names]])
-    for path, p in zip(args.images, probs.tolist(), strict=True):
-        w.writerow([str(path), model.class_names[max(range(len(p)), key=p.__getitem__)], *[f"{v:.6f}" for v in p]])
+    w.writerow(["path", "prediction", *[f"p_{c}" for c in names], "entropy", *[f"vote_{c}" for c in names],
+                *[f"low_{c}" for c in names], *[f"high_{c}" for c in names]])
+    for i, path in enumerate(args.images):
+        p = cols["probs"][i]
+        w.writerow([
+            str(path), names[max(range(len(p)), key=p.__getitem__)], *[f"{v:.6f}" for v in p],
+            f"{cols['entropy'][i]:.6f}", *[f"{v:.6f}" for v in cols["votes"][i]],
+            *[f"{v:.6f}" for v in cols["interval_low"][i]], *[f"{v:.6f}" for v in cols["interval_high"][i]],
+        ])
     if args.out:
         _check_writable(args.out)
         tmp = args.out.with_name(args.out.name + ".tmp")
@@ -194,6 +213,57 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     else:
         sys.stdout.write(buf.getvalue())
     return 0
+
+
+def _prepare_out_dir(path: Path) -> None:
+    """Create the output folder if its parent exists; one-line errors otherwise."""
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"output path exists and is not a folder: {path}")
+    if not path.is_dir():
+        _check_writable(path)
+        try:
+            path.mkdir()
+        except OSError as exc:
+            raise ConfigError(f"cannot create output folder {path} ({exc.strerror or type(exc).__name__})") from None
+    if not os.access(path, os.W_OK):
+        raise ConfigError(f"output folder is not writable: {path}")
+
+
+def _cmd_explain(args: argparse.Namespace) -> int:
+    import torch
+
+    from diffmic.models.diffmic import DiffMIC
+
+    if args.samples < 1:
+        raise ConfigError(f"--samples must be >= 1, got {args.samples}")
+    _prepare_out_dir(args.out)
+    model = DiffMIC.from_checkpoint(args.checkpoint)
+    images = [_read_image_file(p) for p in args.images]  # fail on a bad file before writing anything
+    from diffmic.evaluation.plots import plot_explanation
+
+    gen = torch.Generator().manual_seed(args.seed)
+    for path, im in zip(args.images, images, strict=True):
+        explanation = model.explain(im, samples=args.samples, generator=gen)
+        fig = plot_explanation(_display_array(im), explanation, model.class_names)
+        target = args.out / f"{path.stem}_explain.png"
+        tmp = target.with_name(target.stem + ".tmp.png")
+        fig.savefig(tmp)
+        tmp.replace(target)
+        print(f"{target}")
+    print(f"{len(images)} explanations written to {args.out}")
+    return 0
+
+
+def _display_array(im):
+    """PIL image -> uint8 array (H, W) or (H, W, 3) for plotting."""
+    import numpy as np
+
+    if im.mode.startswith(("I", "F")):  # 16/32-bit grey: scale by the maximum
+        arr = np.asarray(im).astype(np.float64)
+        return (255 * np.clip(arr, 0, None) / max(1.0, float(arr.max()))).astype(np.uint8)
+    if im.mode not in ("L", "RGB"):
+        im = im.convert("RGB")
+    return np.asarray(im)
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
@@ -209,7 +279,13 @@ def _check_writable(path: Path) -> None:
         raise ConfigError(f"output folder is not writable: {parent}")
 
 
-COMMANDS = {"train": _cmd_train, "evaluate": _cmd_evaluate, "predict": _cmd_predict, "config": _cmd_config}
+COMMANDS = {
+    "train": _cmd_train,
+    "evaluate": _cmd_evaluate,
+    "predict": _cmd_predict,
+    "explain": _cmd_explain,
+    "config": _cmd_config,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

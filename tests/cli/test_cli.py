@@ -39,7 +39,7 @@ def test_version_and_help(capsys):
         main(["--version"])
     assert exc.value.code == 0
     assert "diffmic" in capsys.readouterr().out
-    for cmd in ("train", "evaluate", "predict", "config"):
+    for cmd in ("train", "evaluate", "predict", "explain", "config"):
         with pytest.raises(SystemExit):
             main([cmd, "--help"])
         assert "example:" in capsys.readouterr().out
@@ -79,10 +79,18 @@ def test_predict_writes_csv(tiny_checkpoint, tmp_path, capsys):
     code, _, err = run(["predict", "--checkpoint", ckpt, *paths, "--samples", "3", "--out", out_file], capsys)
     assert code == 0, err
     lines = out_file.read_text().splitlines()
-    assert lines[0] == "path,prediction,p_malignant,p_benign"
+    assert lines[0].startswith("path,prediction,p_malignant,p_benign,")
+    header = lines[0].split(",")
+    assert set(header) >= {"entropy", "vote_malignant", "vote_benign", "low_malignant", "low_benign",
+                           "high_malignant", "high_benign"}
     assert len(lines) == 4
-    probs = np.array([[float(v) for v in line.split(",")[2:]] for line in lines[1:]])
+    rows = [dict(zip(header, line.split(","), strict=True)) for line in lines[1:]]
+    probs = np.array([[float(r["p_malignant"]), float(r["p_benign"])] for r in rows])
     np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
+    votes = np.array([[float(r["vote_malignant"]), float(r["vote_benign"])] for r in rows])
+    np.testing.assert_allclose(votes.sum(1), 1.0, atol=1e-5)
+    assert all(0 <= float(r["entropy"]) <= np.log(2) + 1e-5 for r in rows)
+    assert all(float(r[f"low_{c}"]) <= float(r[f"high_{c}"]) for r in rows for c in ("malignant", "benign"))
 
 
 def _bad_npz(tmp_path, **arrays):

@@ -53,7 +53,9 @@ def test_train_evaluate_predict_on_folder(tmp_path, capsys):
     code = main(["predict", "--checkpoint", str(run / "model.pt"), str(image)])
     out_text = capsys.readouterr().out
     assert code == 0
-    assert out_text.splitlines()[0] == "path,prediction,p_benign,p_malignant,p_normal"
+    header = out_text.splitlines()[0]
+    assert header.startswith("path,prediction,p_benign,p_malignant,p_normal,")
+    assert {"entropy", "vote_normal", "low_normal", "high_normal"} <= set(header.split(","))
 
 
 def split_ids(split: dict, name: str) -> list[str]:
