@@ -11,8 +11,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("DIFFMIC_SHARED_DATA", ROOT.parent / "shared" / "data"))
 
-# Two cores on CI: keep torch from oversubscribing them.
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Two cores on CI: keep torch from oversubscribing them (DIFFMIC_TEST_THREADS overrides).
+torch.set_num_threads(int(os.environ.get("DIFFMIC_TEST_THREADS", min(2, os.cpu_count() or 1))))
 
 
 def shared_file(name: str) -> Path:
