@@ -237,3 +237,10 @@ def test_unwritable_output(tiny_checkpoint, tmp_path, capsys):
     ckpt, data = tiny_checkpoint
     code, _, err = run(["evaluate", "--checkpoint", ckpt, "--data", data, "--out", tmp_path / "no" / "r.json"], capsys)
     assert code == 1 and "does not exist" in err
+
+
+def test_failed_train_leaves_no_run_folder(tmp_path, capsys):
+    out = tmp_path / "runs"
+    code, _, _ = run(["train", "--config", "configs/tiny.yaml", "--data", tmp_path / "missing.npz", "--out", out], capsys)
+    assert code == 1
+    assert not out.exists()

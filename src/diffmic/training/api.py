@@ -33,11 +33,9 @@ class TrainResult:
 
 
 def make_run_dir(cfg: DiffMICConfig) -> Path:
-    """``<out_dir>/<run_name>``; the default name is ``<data file stem>-<timestamp>``."""
+    """``<out_dir>/<run_name>`` (not created); the default name is ``<data file stem>-<timestamp>``."""
     name = cfg.train.run_name or f"{Path(cfg.data.path).stem or 'run'}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_dir = Path(cfg.train.out_dir) / name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
+    return Path(cfg.train.out_dir) / name
 
 
 def _git_commit() -> str | None:
@@ -81,11 +79,11 @@ def train(cfg: DiffMICConfig, *, run_dir: str | Path | None = None, data: DataBu
 
     cfg = DiffMICConfig.from_dict(cfg.to_dict())  # private copy: the caller's config is not changed
     run_dir = Path(run_dir) if run_dir is not None else make_run_dir(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
     if data is None:
         data = build_data(cfg.data, run_dir)
     _check_data(data)
+    run_dir.mkdir(parents=True, exist_ok=True)  # only once the data is known to be usable
     if cfg.data.class_names is None:
         cfg.data.class_names = list(data.class_names)
     cfg.save(run_dir / "config.yaml")
