@@ -109,3 +109,12 @@ def fmt_mean_sd(stat: dict[str, Any] | None, digits: int = 3) -> str:
     if stat.get("sd") is not None:
         text += f" ± {stat['sd']:.{digits}f}"
     return text
+
+
+def publish(kind: str, out: Path, result: dict, docs: Path | None, render) -> None:
+    """Write the result JSON and, unless ``docs`` is None, rewrite the ``kind`` section of the docs."""
+    write_json(out, result)
+    print(f"[{kind}] wrote {out}")
+    if docs is not None:
+        update_section(docs, kind, render(result))
+        print(f"[{kind}] updated {docs}")

@@ -298,11 +298,7 @@ def main(argv: list[str] | None = None) -> int:
         "runs": runs,
         "summary": summarise(runs),
     }
-    common.write_json(out, result)
-    print(f"[accuracy] wrote {out}")
-    if not args.no_docs:
-        common.update_section(args.docs, "accuracy", markdown(result))
-        print(f"[accuracy] updated {args.docs}")
+    common.publish("accuracy", out, result, None if args.no_docs else args.docs, markdown)
     return 1 if any("error" in r for r in runs) else 0
 
 

@@ -440,11 +440,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     result["targets"] = targets(results, default_steps)
     out_path = args.out or common.RESULTS / f"speed-{common.timestamp()}.json"
-    common.write_json(out_path, result)
-    print(f"[speed] wrote {out_path}")
-    if not args.no_docs:
-        common.update_section(args.docs, "speed", markdown(result))
-        print(f"[speed] updated {args.docs}")
+    common.publish("speed", out_path, result, None if args.no_docs else args.docs, markdown)
     return 1 if any("error" in r for r in results) else 0
 
 

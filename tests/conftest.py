@@ -15,6 +15,15 @@ SHARED_DATA = Path(os.environ.get("DIFFMIC_SHARED_DATA", ROOT.parent / "shared" 
 torch.set_num_threads(int(os.environ.get("DIFFMIC_TEST_THREADS", min(2, os.cpu_count() or 1))))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of tiny-tensor tests (threads only add overhead there)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def shared_file(name: str) -> Path:
     path = SHARED_DATA / name
     if not path.is_file():

@@ -60,7 +60,7 @@ class ModelConfig:
     small_input: bool | None = None  # 3x3 stride-1 stem, no max-pool; None: image_size <= 64
     cam_size: int | None = None  # None: native feature-map size
     num_crops: int = 6  # K
-    crop_size: int | None = None  # ROI crop side in pixels; None: max(8, image_size // 4)
+    crop_size: int | None = None  # ROI crop side in pixels; None: max(8, round(image_size / 7)), 32 at 224
     top_t: float = 1.0  # top-t% CAM aggregation (1.0 = mean, as the original)
     mil_hidden: int = 128
     feature_dim: int = 6144  # denoiser hidden width

@@ -18,12 +18,7 @@ from diffmic.errors import ConfigError
 B, C = 4, 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # shared 2-core test machine: small ops are faster single-threaded
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Recorder:

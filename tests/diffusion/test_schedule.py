@@ -11,12 +11,7 @@ from diffmic.diffusion.schedule import BETA_SCHEDULES, CardSchedule, make_betas
 from diffmic.errors import ConfigError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # shared 2-core test machine: small ops are faster single-threaded
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _ref_linear(T: int, b0: float = 1e-4, b1: float = 0.02):

@@ -9,12 +9,7 @@ from diffmic.errors import ConfigError
 from diffmic.models.backbones import FeatureMap, create_backbone, small_input_default
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # the test machine is shared: tiny convs are much faster single-threaded
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_small_input_default():

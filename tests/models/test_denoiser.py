@@ -10,12 +10,7 @@ from diffmic.models.backbones import create_backbone
 from diffmic.models.denoiser import ConditionalLinear, LabelDenoiser
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_denoiser(C=4, in_chans=3, feature_dim=32, T=50, small=True) -> LabelDenoiser:

@@ -23,12 +23,7 @@ OVERRIDES = [
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_model(num_classes=4, in_chans=3, image_size=28, extra=()) -> DiffMIC:

@@ -12,12 +12,7 @@ from diffmic.errors import ConfigError
 from diffmic.models.guidance import DCG, GatedAttentionMIL, default_crop_size, top_t_pool
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_dcg(num_classes=4, in_chans=3, image_size=28, **kw) -> DCG:

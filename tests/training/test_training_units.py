@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -25,7 +26,7 @@ def test_warmup_cosine_shape():
     assert warmup_cosine(520, **kw) == pytest.approx(5e-4)
     assert warmup_cosine(1000, **kw) == pytest.approx(0.0, abs=1e-12)
     values = [warmup_cosine(e, **kw) for e in np.linspace(40, 1000, 50)]
-    assert all(a >= b for a, b in zip(values, values[1:]))
+    assert all(a >= b for a, b in itertools.pairwise(values))
 
 
 def test_ema_tracks_parameters_and_copies_buffers():

@@ -14,6 +14,7 @@ from torch import Tensor
 from diffmic.config import DiffMICConfig
 from diffmic.diffusion.losses import antithetic_timesteps, diffmic_loss
 from diffmic.evaluation.metrics import classification_metrics
+from diffmic.models.diffmic import probs_from_y0
 from diffmic.models.factory import build_model
 from diffmic.models.guidance import GuidanceOutput
 from diffmic.training.augment import augment_batch
@@ -175,7 +176,7 @@ class DiffMICModule(L.LightningModule):
             with self.ema_weights():
                 feats = self.model.encode(x, guide)
                 y0 = self.model.sample_y0(feats, prior, samples=self.cfg.eval.samples, generator=self._val_gen)
-            probs = (y0 / self.model.temperature).softmax(-1).mean(0)
+            probs = probs_from_y0(y0, self.model.temperature)
         self._val_outputs.append((probs, prior, y))
 
     def on_validation_epoch_end(self) -> None:
