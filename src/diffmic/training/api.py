@@ -16,7 +16,7 @@ import torch
 from diffmic.config import DiffMICConfig
 from diffmic.data.base import DataBundle
 from diffmic.data.registry import build_data
-from diffmic.errors import DataError
+from diffmic.errors import CheckpointError, DataError
 from diffmic.models.diffmic import DiffMIC
 
 log = logging.getLogger(__name__)
@@ -61,20 +61,100 @@ def _check_data(data: DataBundle) -> None:
         raise DataError(f"{data.source}: need at least 2 classes, found {data.num_classes}")
 
 
-def train(cfg: DiffMICConfig, *, run_dir: str | Path | None = None, data: DataBundle | None = None) -> TrainResult:
+LAST_CHECKPOINT = Path("checkpoints") / "last.ckpt"
+
+
+def _strategy(t: Any) -> Any:
+    """DDP needs ``find_unused_parameters``: each manual backward reaches only the denoiser or the DCG."""
+    if t.strategy not in ("ddp", "ddp_spawn"):
+        return t.strategy
+    from lightning.pytorch.strategies import DDPStrategy
+
+    return DDPStrategy(
+        find_unused_parameters=True,
+        start_method="spawn" if t.strategy == "ddp_spawn" else "popen",
+        process_group_backend="gloo" if t.accelerator == "cpu" else None,
+    )
+
+
+def _checkpoint_epoch(path: Path) -> int:
+    """Epochs completed in a Lightning checkpoint; one clear error if it cannot be read."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any failure means the file is unusable
+        raise CheckpointError(f"{path}: cannot resume from this checkpoint ({type(exc).__name__})") from None
+    try:
+        return int(payload["epoch"]) + 1
+    except (KeyError, TypeError, ValueError):
+        raise CheckpointError(f"{path}: not a Lightning training checkpoint (no epoch)") from None
+
+
+def find_resumable_run(cfg: DiffMICConfig) -> Path | None:
+    """The run ``--resume auto`` continues: ``out_dir/run_name`` if named, else the newest unfinished run.
+
+    A run is unfinished when it has ``checkpoints/last.ckpt`` but no ``metrics.json``. Unnamed runs
+    must also be of the same dataset (their folder name starts with its stem).
+    """
+    if cfg.train.run_name:
+        d = Path(cfg.train.out_dir) / cfg.train.run_name
+        return d if (d / LAST_CHECKPOINT).is_file() and not (d / "metrics.json").is_file() else None
+    out = Path(cfg.train.out_dir)
+    if not out.is_dir():
+        return None
+    prefix = f"{Path(cfg.data.path).stem or 'run'}-"
+    runs = [d for d in out.iterdir() if d.is_dir() and d.name.startswith(prefix)
+            and (d / LAST_CHECKPOINT).is_file() and not (d / "metrics.json").is_file()]
+    return max(runs, key=lambda d: (d / LAST_CHECKPOINT).stat().st_mtime, default=None)
+
+
+def resume(run_dir: str | Path, *, data: DataBundle | None = None, callbacks: list[Any] | None = None) -> TrainResult:
+    """Continue a killed run from ``run_dir/checkpoints/last.ckpt`` with the run's own config.
+
+    Model, DCG, EMA, optimisers, RNG states, epoch and step, checkpoint selection state and the
+    CSV logs all continue where the last completed epoch left them.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise CheckpointError(f"run folder not found: {run_dir}")
+    config = run_dir / "config.yaml"
+    if not config.is_file():
+        raise CheckpointError(f"{run_dir} is not a diffmic run folder (no config.yaml)")
+    if (run_dir / "metrics.json").is_file():
+        raise CheckpointError(f"{run_dir} already finished (metrics.json exists); nothing to resume")
+    last = run_dir / LAST_CHECKPOINT
+    if not last.is_file():
+        raise CheckpointError(
+            f"{last} not found: the run stopped before its first epoch ended; start it again instead"
+        )
+    cfg = DiffMICConfig.from_yaml(config)
+    split = run_dir / "split.json"
+    if cfg.data.split_file is None and split.is_file():
+        cfg.data.split_file = str(split)  # the split the run was trained on, not a new one
+    return train(cfg, run_dir=run_dir, data=data, callbacks=callbacks, _resume_from=last)
+
+
+def train(
+    cfg: DiffMICConfig,
+    *,
+    run_dir: str | Path | None = None,
+    data: DataBundle | None = None,
+    callbacks: list[Any] | None = None,
+    _resume_from: Path | None = None,
+) -> TrainResult:
     """Train DiffMIC, select the checkpoint on the validation split, evaluate on the test split.
 
     Writes into the run directory: ``config.yaml`` (resolved), ``split.json`` (when the layout
-    has no split), ``checkpoints/`` (Lightning ``best.ckpt`` / ``last.ckpt``), ``model.pt`` (the
-    selected model, EMA weights), ``metrics.json`` (val and test, DCG and diffusion) and
-    ``logs/`` (CSV training curves).
+    has no split), ``checkpoints/`` (Lightning ``best.ckpt`` / ``last.ckpt``, written atomically
+    at the end of every epoch), ``model.pt`` (the selected model, EMA weights), ``metrics.json``
+    (val and test, DCG and diffusion) and ``logs/`` (CSV training curves). A killed run is
+    continued with :func:`resume`. ``callbacks`` are extra Lightning callbacks.
     """
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
-    from lightning.pytorch.loggers import CSVLogger
 
     from diffmic.evaluation.report import evaluate
     from diffmic.training.datamodule import ArrayDataModule
+    from diffmic.training.checkpointing import AtomicCheckpointIO, ResumableCSVLogger, remove_partial_files
     from diffmic.training.module import DiffMICModule
 
     cfg = DiffMICConfig.from_dict(cfg.to_dict())  # private copy: the caller's config is not changed
@@ -83,10 +163,16 @@ def train(cfg: DiffMICConfig, *, run_dir: str | Path | None = None, data: DataBu
     if data is None:
         data = build_data(cfg.data, run_dir)
     _check_data(data)
+    resume_epoch = _checkpoint_epoch(_resume_from) if _resume_from is not None else None
     run_dir.mkdir(parents=True, exist_ok=True)  # only once the data is known to be usable
     if cfg.data.class_names is None:
         cfg.data.class_names = list(data.class_names)
-    cfg.save(run_dir / "config.yaml")
+    if _resume_from is None:
+        cfg.save(run_dir / "config.yaml")
+    else:
+        removed = remove_partial_files(run_dir / "checkpoints")
+        log.info("resuming %s from %s (epoch %d)%s", run_dir, _resume_from, resume_epoch,
+                 f"; removed {len(removed)} partial file(s)" if removed else "")
     model_args = {
         "num_classes": data.num_classes,
         "in_chans": data.channels,
@@ -98,9 +184,12 @@ def train(cfg: DiffMICConfig, *, run_dir: str | Path | None = None, data: DataBu
                          num_workers=cfg.data.num_workers)
     ckpt = ModelCheckpoint(
         dirpath=run_dir / "checkpoints", filename="best", monitor="val/select", mode="max",
-        save_top_k=1, save_last=True, enable_version_counter=False,
+        save_top_k=1, save_last=False, enable_version_counter=False,
     )
-    callbacks: list[Any] = [ckpt]
+    # Every epoch (Lightning's save_last only writes when the best checkpoint improved).
+    last = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="last", monitor=None, save_top_k=1,
+                           every_n_epochs=1, enable_version_counter=False)
+    callbacks = [ckpt, last, *(callbacks or [])]
     if cfg.train.progress:
         callbacks.append(TQDMProgressBar(refresh_rate=10))
     t = cfg.train
@@ -108,10 +197,12 @@ def train(cfg: DiffMICConfig, *, run_dir: str | Path | None = None, data: DataBu
         max_epochs=t.dcg_pretrain_epochs + t.epochs,
         accelerator=t.accelerator,
         devices=t.devices,
-        strategy=t.strategy,
+        strategy=_strategy(t),
+        plugins=[AtomicCheckpointIO()],
         precision=t.precision,  # type: ignore[arg-type]
         callbacks=callbacks,
-        logger=CSVLogger(run_dir, name="logs", version=""),
+        logger=ResumableCSVLogger(run_dir, name="logs", version="", flush_logs_every_n_steps=1,
+                                  resume_epoch=resume_epoch),
         default_root_dir=run_dir,
         num_sanity_val_steps=0,
         enable_progress_bar=t.progress,
@@ -120,12 +211,12 @@ def train(cfg: DiffMICConfig, *, run_dir: str | Path | None = None, data: DataBu
         check_val_every_n_epoch=1,
     )
     start = time.time()
-    trainer.fit(module, datamodule=dm)
+    trainer.fit(module, datamodule=dm, ckpt_path=_resume_from)
     fit_seconds = time.time() - start
     if trainer.global_rank != 0:
         return TrainResult(run_dir, run_dir / "model.pt", Path(ckpt.best_model_path or ""), {})
 
-    best = Path(ckpt.best_model_path) if ckpt.best_model_path else Path(ckpt.last_model_path)
+    best = Path(ckpt.best_model_path) if ckpt.best_model_path else Path(last.best_model_path)
     model = DiffMIC.from_checkpoint(best)
     payload = torch.load(best, map_location="cpu", weights_only=True)
     selected_epoch = int(payload.get("epoch", -1))

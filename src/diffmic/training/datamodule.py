@@ -8,6 +8,14 @@ from torch.utils.data import DataLoader
 from diffmic.data.base import ArrayDataset, DataBundle
 
 
+class IndexedDataset(ArrayDataset):
+    """Yields (image, label, index): lets distributed evaluation drop the sampler's padding repeats."""
+
+    def __getitem__(self, i: int):  # type: ignore[override]
+        image, label = super().__getitem__(i)
+        return image, label, i
+
+
 class ArrayDataModule(L.LightningDataModule):
     """Shuffled training loader (last partial batch dropped when possible); ordered eval loaders."""
 
@@ -24,7 +32,7 @@ class ArrayDataModule(L.LightningDataModule):
                           drop_last=len(ds) > self.batch_size, persistent_workers=self.num_workers > 0)
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(ArrayDataset(self.data.val), batch_size=self.eval_batch_size, num_workers=self.num_workers)
+        return DataLoader(IndexedDataset(self.data.val), batch_size=self.eval_batch_size, num_workers=self.num_workers)
 
     def test_dataloader(self) -> DataLoader:
         return DataLoader(ArrayDataset(self.data.test), batch_size=self.eval_batch_size, num_workers=self.num_workers)

@@ -18,7 +18,17 @@ from diffmic.models.diffmic import probs_from_y0
 from diffmic.models.factory import build_model
 from diffmic.models.guidance import GuidanceOutput
 from diffmic.training.augment import augment_batch
+from diffmic.training.checkpointing import rng_state, set_rng_state
 from diffmic.training.ema import EMA
+
+
+def first_occurrences(index: Tensor) -> Tensor:
+    """Positions of the first occurrence of each distinct value of ``index``, in sorted value order."""
+    order = torch.argsort(index, stable=True)
+    sorted_index = index[order]
+    first = torch.ones_like(sorted_index, dtype=torch.bool)
+    first[1:] = sorted_index[1:] != sorted_index[:-1]
+    return order[first]
 
 
 def warmup_cosine(epoch: float, *, lr: float, min_lr: float, warmup: float, total: float) -> float:
@@ -49,7 +59,7 @@ class DiffMICModule(L.LightningModule):
         self.model = build_model(self.cfg, **model_args)
         self.ema = EMA(self.model.denoiser, self.cfg.train.ema_decay)
         self.automatic_optimization = False
-        self._val_outputs: list[tuple[Tensor, Tensor, Tensor]] = []
+        self._val_outputs: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []
 
     # ------------------------------------------------------------------ phases
     @property
@@ -69,6 +79,18 @@ class DiffMICModule(L.LightningModule):
             self.model.guidance.parameters(), lr=t.dcg_lr, weight_decay=t.dcg_weight_decay, amsgrad=True
         )
         return [denoiser, dcg]
+
+    # ------------------------------------------------------------- checkpoints
+    def on_train_end(self) -> None:
+        self._broadcast_buffers()
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Add the generator states, so a resumed run draws what the uninterrupted one would."""
+        checkpoint["diffmic_rng"] = rng_state()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "diffmic_rng" in checkpoint:
+            set_rng_state(checkpoint["diffmic_rng"])
 
     # ---------------------------------------------------------------- training
     def _inputs(self, images: Tensor, train: bool) -> Tensor:
@@ -158,15 +180,27 @@ class DiffMICModule(L.LightningModule):
         end_of_pretrain = epoch == t.dcg_pretrain_epochs
         return last or end_of_pretrain or epoch % t.val_every == 0
 
+    def _broadcast_buffers(self) -> None:
+        """Give every rank rank 0's buffers (BatchNorm statistics, EMA counters).
+
+        Each DDP rank updates its running statistics on its own batches; validation and the saved
+        checkpoint (written by rank 0) must see the same model on every rank.
+        """
+        if self.trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            for buf in self.buffers():
+                torch.distributed.broadcast(buf, src=0)
+
     def on_validation_epoch_start(self) -> None:
+        self._broadcast_buffers()
         self._val_outputs = []
         self._val_gen = torch.Generator(device=self.device).manual_seed(self.cfg.eval.seed)
         self._val_active = self._should_validate() and not self.trainer.sanity_checking
 
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+    def validation_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> None:
         if not self._val_active:
             return
-        images, y = batch
+        images, y = batch[0], batch[1]
+        index = batch[2] if len(batch) > 2 else torch.arange(len(y), device=y.device) + batch_idx * len(y)
         x = self._inputs(images, train=False)
         guide = self.model.guidance(x)
         prior = guide.logits.softmax(1)
@@ -177,7 +211,7 @@ class DiffMICModule(L.LightningModule):
                 feats = self.model.encode(x, guide)
                 y0 = self.model.sample_y0(feats, prior, samples=self.cfg.eval.samples, generator=self._val_gen)
             probs = probs_from_y0(y0, self.model.temperature)
-        self._val_outputs.append((probs, prior, y))
+        self._val_outputs.append((probs, prior, y, index))
 
     def on_validation_epoch_end(self) -> None:
         if not self._val_active or not self._val_outputs:
@@ -187,12 +221,17 @@ class DiffMICModule(L.LightningModule):
         probs = torch.cat([o[0] for o in self._val_outputs])
         prior = torch.cat([o[1] for o in self._val_outputs])
         y = torch.cat([o[2] for o in self._val_outputs])
+        index = torch.cat([o[3] for o in self._val_outputs])
         if self.trainer.world_size > 1:
-            probs, prior, y = (self.all_gather(v).flatten(0, 1) for v in (probs, prior, y))
+            probs, prior, y, index = (self.all_gather(v).flatten(0, 1) for v in (probs, prior, y, index))
+            # The distributed sampler pads the split to a multiple of the world size by repeating
+            # images: keep each image once, so metrics are over the whole split exactly once.
+            keep = first_occurrences(index)
+            probs, prior, y = probs[keep], prior[keep], y[keep]
         c = self.model.num_classes
         dcg = classification_metrics(prior, y, c)
         key = self.cfg.train.select_metric
-        logs = {f"val/dcg_{k}": v for k, v in dcg.items()}
+        logs = {f"val/dcg_{k}": v for k, v in dcg.items()} | {"val/num_images": float(len(y))}
         if self.pretraining:
             # Only a DCG-only run (no diffusion epochs) is selected on the DCG; otherwise any
             # diffusion validation later beats this.

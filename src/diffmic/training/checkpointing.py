@@ -1,0 +1,155 @@
+"""Crash safety for training runs: atomic checkpoint files, RNG state, resumable CSV logs.
+
+A checkpoint is written to a temporary file in the same folder, flushed to disk and renamed over
+the target (``os.replace`` is atomic on POSIX), so a run killed at any moment leaves either the
+previous complete checkpoint or the new complete one, never a truncated file. (Lightning's own
+writer stages the file in the system temp folder and *moves* it, which is a copy, not an atomic
+rename, whenever /tmp is another filesystem.)
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from lightning.fabric.loggers.logger import rank_zero_experiment
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+PARTIAL_SUFFIX = ".partial"
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> None:
+    """``torch.save`` to ``path`` through a same-folder temporary file, fsync and rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}{PARTIAL_SUFFIX}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    try:  # make the rename itself durable
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def remove_partial_files(folder: str | Path) -> list[Path]:
+    """Delete temporary checkpoint files left by a killed writer; returns what was removed."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = sorted(folder.glob(f".*{PARTIAL_SUFFIX}"))
+    for p in removed:
+        p.unlink(missing_ok=True)
+    return removed
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning checkpoint writer that never leaves a truncated ``.ckpt``."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError("AtomicCheckpointIO does not take storage_options")
+        atomic_torch_save(checkpoint, path)
+
+
+# ----------------------------------------------------------------------------- RNG state
+def rng_state() -> dict[str, Any]:
+    """Python, NumPy and torch (CPU and CUDA) generator states, as plain types and tensors.
+
+    Plain types keep checkpoints loadable with ``torch.load(weights_only=True)``.
+    """
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss = random.getstate()
+    state: dict[str, Any] = {
+        "python": {"version": version, "state": list(internal), "gauss": gauss},
+        "numpy": {"kind": str(kind), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` returned."""
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
+    npy = state["numpy"]
+    np.random.set_state((npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+                         npy["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ----------------------------------------------------------------------------- CSV logs
+class _AppendingWriter(ExperimentWriter):
+    """Lightning's CSV writer, except that an existing ``metrics.csv`` is kept on resume.
+
+    Rows of epochs at or after ``resume_epoch`` (logged by the killed run after its last
+    checkpoint, so about to be redone) are dropped.
+    """
+
+    def __init__(self, log_dir: str, resume_epoch: int) -> None:
+        self._resume_epoch = resume_epoch
+        super().__init__(log_dir)
+
+    def _check_log_dir_exists(self) -> None:  # the base class deletes metrics.csv here
+        path = Path(self.metrics_file_path)
+        if not path.is_file():
+            return
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            header = list(reader.fieldnames or [])
+            rows = [r for r in reader if not _epoch_at_or_after(r.get("epoch"), self._resume_epoch)]
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=header)
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(tmp, path)
+        self.metrics_keys = sorted(header)
+
+
+def _epoch_at_or_after(value: str | None, epoch: int) -> bool:
+    try:
+        return value not in (None, "") and int(float(value)) >= epoch
+    except ValueError:
+        return False
+
+
+class ResumableCSVLogger(CSVLogger):
+    """``CSVLogger`` that appends to the run's ``metrics.csv`` when a run is resumed."""
+
+    def __init__(self, *args: Any, resume_epoch: int | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._resume_epoch = resume_epoch
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:  # type: ignore[override]
+        if self._experiment is not None:
+            return self._experiment
+        if self._resume_epoch is None:
+            return super().experiment
+        self._fs.makedirs(self.root_dir, exist_ok=True)
+        self._experiment = _AppendingWriter(self.log_dir, self._resume_epoch)
+        return self._experiment
