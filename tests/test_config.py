@@ -160,8 +160,12 @@ def test_missing_and_invalid_yaml_files(tmp_path):
     with pytest.raises(ConfigError):
         DiffMICConfig.from_yaml(top)
     empty = tmp_path / "empty.yaml"
-    empty.write_text("")
-    assert DiffMICConfig.from_yaml(empty) == DiffMICConfig()
+    empty.write_text("# only a comment\n")
+    with pytest.raises(ConfigError, match="empty"):  # likely a truncated copy; no --config means defaults
+        DiffMICConfig.from_yaml(empty)
+    sections_only = tmp_path / "sections.yaml"
+    sections_only.write_text("train: {}\n")
+    assert DiffMICConfig.from_yaml(sections_only) == DiffMICConfig()
 
 
 def test_apply_override_raw_dict():

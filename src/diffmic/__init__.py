@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 __all__ = [
-    "CardSchedule",
     "DCG",
+    "CardSchedule",
     "DiffMIC",
     "DiffMICConfig",
     "LabelDenoiser",

@@ -14,23 +14,37 @@ import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from diffmic import __version__
+from diffmic._io import atomic_write, atomic_write_text
 from diffmic.errors import ConfigError, DataError, DiffMICError
 
 DEFAULT_DATA = Path("..") / "shared" / "data" / "retinamnist.npz"  # relative to the working folder
 
 EXAMPLES = {
-    "train": "example:\n  diffmic train --config configs/retinamnist.yaml --set train.epochs=20",
-    "evaluate": "example:\n  diffmic evaluate --checkpoint runs/retinamnist/model.pt --split test --out test.json",
+    "train": "examples:\n  diffmic train --config configs/retinamnist.yaml --set train.epochs=20\n"
+             "  diffmic train --resume runs/retinamnist-20261126-101500   # continue a killed run",
+    "evaluate": "examples:\n  diffmic evaluate --checkpoint runs/retinamnist/model.pt --split test --out test.json\n"
+                "  diffmic evaluate --checkpoint runs/retinamnist/model.pt --calibrate   # + uncertainty section",
+    "report": "example:\n  diffmic report runs/retinamnist --out retinamnist-report.html",
     "predict": "example:\n  diffmic predict --checkpoint runs/retinamnist/model.pt img1.png img2.jpg --out preds.csv",
     "explain": "example:\n  diffmic explain --checkpoint runs/retinamnist/model.pt img1.png img2.jpg --out explain/",
     "config": "example:\n  diffmic config --config configs/retinamnist.yaml --set train.epochs=5",
+    "export": "example:\n  diffmic export --checkpoint runs/retinamnist/model.pt --format onnx --out model.onnx "
+              "--samples 8 --steps 10\n(see docs/export.md for the graph's inputs and outputs)",
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors (``diffmic: error: ...``) instead of usage + error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"diffmic: error: {self.prog}: {message} (see '{self.prog} --help')\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="diffmic",
         description="DiffMIC: dual-guidance diffusion for medical image classification.",
         epilog="run 'diffmic COMMAND --help' for the options of a command",
@@ -54,6 +68,9 @@ def _parser() -> argparse.ArgumentParser:
     config_args(t)
     t.add_argument("--out", help="output folder (shortcut for --set train.out_dir=...)")
     t.add_argument("--name", help="run name (shortcut for --set train.run_name=...)")
+    t.add_argument("--resume", metavar="RUN_DIR|auto",
+                   help="continue a killed run from its last checkpoint, with the run's own config; "
+                        "'auto' picks the newest unfinished run of --config/--set (or starts a new one)")
 
     e = add("evaluate", "Evaluate a checkpoint on a dataset split (DCG prior and diffusion output).")
     e.add_argument("--checkpoint", required=True, type=Path, help="model.pt or a Lightning .ckpt")
@@ -65,6 +82,9 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--steps", type=int, default=None, help="sampling steps (denoiser calls)")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--out", type=Path, help="write the JSON report here (default: stdout)")
+    e.add_argument("--calibrate", action="store_true",
+                   help="fit a temperature on the val split and add an 'uncertainty' section: ECE before/after "
+                        "temperature scaling, AURC, accuracy at 100/90/80/70/50%% coverage")
 
     pr = add("predict", "Predict class probabilities for image files (PNG/JPEG/...).")
     pr.add_argument("--checkpoint", required=True, type=Path, help="model.pt or a Lightning .ckpt")
@@ -82,8 +102,25 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--samples", type=int, default=1, help="reverse chains per image")
     x.add_argument("--seed", type=int, default=0)
 
+    r = add("report", "Write one self-contained HTML report of a training run (metrics, calibration, "
+                      "accuracy-coverage, training curves, ROI examples, model card).")
+    r.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a finished run folder (with model.pt)")
+    r.add_argument("--out", type=Path, help="the HTML file (default: RUN_DIR/report.html)")
+    r.add_argument("--samples", type=int, default=None, help="reverse chains per image (default: the run's)")
+    r.add_argument("--seed", type=int, default=0)
+
     c = add("config", "Print the resolved configuration as YAML.")
     config_args(c)
+
+    xp = add("export", "Export the inference graph (normalisation, DCG with ROI crops, image encoder, "
+                       "fixed-step DDIM with eta=0) to ONNX; the starting noise is a graph input.")
+    xp.add_argument("--checkpoint", required=True, type=Path, help="model.pt or a Lightning .ckpt")
+    xp.add_argument("--format", default="onnx", help="export format (only onnx is supported)")
+    xp.add_argument("--out", required=True, type=Path, metavar="FILE", help="the file to write (e.g. model.onnx)")
+    xp.add_argument("--samples", type=int, default=1, help="reverse chains per image, fixed in the graph")
+    xp.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the checkpoint's sampling_steps)")
+    xp.add_argument("--batch-size", type=int, default=None,
+                    help="fix the batch size (default: dynamic batch axis)")
     return p
 
 
@@ -98,6 +135,12 @@ def _load_cfg(args: argparse.Namespace, extra: list[str] | None = None):
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from diffmic.training.api import find_resumable_run, resume, train
+
+    if args.resume and args.resume != "auto":
+        if args.config or args.overrides or args.data or args.out or args.name:
+            raise ConfigError("--resume RUN_DIR uses the run's own config.yaml; drop --config/--set/--data/--out/--name")
+        return _report_run(resume(Path(args.resume)))
     extra = []
     if args.out:
         extra.append(f"train.out_dir={args.out}")
@@ -109,14 +152,21 @@ def _cmd_train(args: argparse.Namespace) -> int:
             cfg.data.path = str(DEFAULT_DATA)
         else:
             raise ConfigError("no dataset given: use --data PATH (or data.path in the config)")
-    from diffmic.training.api import train
+    if args.resume == "auto":
+        run_dir = find_resumable_run(cfg)
+        if run_dir is not None:
+            print(f"resuming {run_dir}")
+            return _report_run(resume(run_dir))
+        print("no unfinished run to resume: starting a new one")
+    return _report_run(train(cfg))
 
-    result = train(cfg)
-    if not result.metrics:
+
+def _report_run(result) -> int:
+    if not result.metrics:  # not the main process of a multi-process run
         return 0
     test = result.metrics["test"]
     print(f"run folder: {result.run_dir}")
-    print(f"selected epoch (val/{cfg.train.select_metric}): {result.metrics['selected_epoch']}")
+    print(f"selected epoch ({result.metrics['select_metric']}): {result.metrics['selected_epoch']}")
     _print_table(test["guidance"], test["diffusion"], "test")
     return 0
 
@@ -134,6 +184,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from diffmic.evaluation.report import evaluate
     from diffmic.models.diffmic import DiffMIC
 
+    _check_samples(args)
+    if args.out:
+        _check_writable(args.out)
     model = DiffMIC.from_checkpoint(args.checkpoint)
     cfg = DiffMICConfig.from_dict(model.config)
     data_cfg = cfg.data
@@ -153,13 +206,25 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         raise DataError(
             f"{data.source} has {data.num_classes} classes but the checkpoint predicts {model.num_classes}"
         )
+    calibrate_on = None
+    if args.calibrate:
+        calibrate_on = data.val
+        if len(calibrate_on) == 0:
+            raise DataError(f"{data.source}: the val split is empty; --calibrate fits the temperature on it")
+        if args.split == "val":
+            print("diffmic: note: --calibrate fits the temperature on the split it evaluates (val); "
+                  "the calibrated ECE is optimistic", file=sys.stderr)
     report = evaluate(model, split, split=args.split, batch_size=cfg.data.eval_batch_size,
                       samples=args.samples or cfg.eval.samples, seed=args.seed,
-                      sampler=args.sampler, num_steps=args.steps)
+                      sampler=args.sampler, num_steps=args.steps, calibrate_on=calibrate_on)
     if args.out:
         _check_writable(args.out)
         report.to_json(args.out)
         _print_table(report.guidance, report.diffusion, args.split)
+        if report.uncertainty is not None:
+            u = report.uncertainty
+            print(f"temperature scaling (T = {u['fitted_temperature']:.4g}, fitted on val): "
+                  f"ECE {u['ece']:.4f} -> {u['ece_calibrated']:.4f}; AURC {u['aurc']:.4f}")
         print(f"report written to {args.out}")
     else:
         print(report.to_json())
@@ -187,7 +252,11 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     if args.samples < 1:
         raise ConfigError(f"--samples must be >= 1, got {args.samples}")
     model = DiffMIC.from_checkpoint(args.checkpoint)
+    if args.out:
+        _check_writable(args.out)
     images = [_read_image_file(p) for p in args.images]
+    for path, im in zip(args.images, images, strict=True):  # every file checked before any output
+        _check_image(model, path, im)
     gen = torch.Generator().manual_seed(args.seed)
     details = [model.predict_details(im, samples=args.samples, generator=gen) for im in images]
     cols = {k: torch.cat([d[k] for d in details]).tolist()
@@ -205,14 +274,26 @@ def _cmd_predict(args: argparse.Namespace) -> int:
             *[f"{v:.6f}" for v in cols["interval_low"][i]], *[f"{v:.6f}" for v in cols["interval_high"][i]],
         ])
     if args.out:
-        _check_writable(args.out)
-        tmp = args.out.with_name(args.out.name + ".tmp")
-        tmp.write_text(buf.getvalue())
-        tmp.replace(args.out)
+        atomic_write_text(args.out, buf.getvalue())
         print(f"{len(images)} predictions written to {args.out}")
     else:
         sys.stdout.write(buf.getvalue())
     return 0
+
+
+def _check_image(model, path: Path, image) -> None:
+    """Reject an image the model cannot take (NaN pixels, unconvertible channels), naming the file."""
+    try:
+        model.preprocess(image)
+    except DiffMICError as exc:
+        raise DataError(f"{path}: {exc}") from None
+
+
+def _check_samples(args: argparse.Namespace) -> None:
+    for name in ("samples", "steps"):
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            raise ConfigError(f"--{name} must be >= 1, got {value}")
 
 
 def _prepare_out_dir(path: Path) -> None:
@@ -246,9 +327,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
         explanation = model.explain(im, samples=args.samples, generator=gen)
         fig = plot_explanation(_display_array(im), explanation, model.class_names)
         target = args.out / f"{path.stem}_explain.png"
-        tmp = target.with_name(target.stem + ".tmp.png")
-        fig.savefig(tmp)
-        tmp.replace(target)
+        atomic_write(target, lambda f, fig=fig: fig.savefig(f, format="png"))
         print(f"{target}")
     print(f"{len(images)} explanations written to {args.out}")
     return 0
@@ -266,12 +345,54 @@ def _display_array(im):
     return np.asarray(im)
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    if args.samples is not None and args.samples < 1:
+        raise ConfigError(f"--samples must be >= 1, got {args.samples}")
+    if not args.run_dir.is_dir():
+        raise ConfigError(f"run folder not found: {args.run_dir}")
+    if not (args.run_dir / "model.pt").is_file():  # checked before importing torch and matplotlib
+        from diffmic.errors import CheckpointError
+
+        raise CheckpointError(f"{args.run_dir / 'model.pt'} not found: {args.run_dir} is not a finished "
+                              "diffmic run folder")
+    if args.out:
+        _check_writable(args.out)
+    from diffmic.evaluation.html_report import write_report
+
+    path = write_report(args.run_dir, args.out, samples=args.samples, seed=args.seed)
+    print(f"report written to {path}")
+    return 0
+
+
 def _cmd_config(args: argparse.Namespace) -> int:
     print(_load_cfg(args).to_yaml(), end="")
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    if args.format.lower() != "onnx":
+        raise ConfigError(f"unsupported export format {args.format!r}; supported: onnx")
+    for flag, value in (("--samples", args.samples), ("--steps", args.steps), ("--batch-size", args.batch_size)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag} must be >= 1, got {value}")
+    _check_writable(args.out)  # before the (slow) checkpoint load and export
+    from diffmic.export import export_onnx
+    from diffmic.models.diffmic import DiffMIC
+
+    model = DiffMIC.from_checkpoint(args.checkpoint)
+    path = export_onnx(model, args.out, samples=args.samples, num_steps=args.steps, batch_size=args.batch_size)
+    steps = args.steps or model.sampling_steps
+    batch = "B" if args.batch_size is None else str(args.batch_size)
+    size = model.image_size
+    print(f"exported {path}: images ({batch}, {model.in_chans}, {size}, {size}) in [0, 1] + noise "
+          f"({args.samples}, {batch}, {model.num_classes}) -> probs, prior, y0; DDIM {steps} steps, eta=0, "
+          f"batch {'dynamic' if args.batch_size is None else 'fixed'}")
+    return 0
+
+
 def _check_writable(path: Path) -> None:
+    if path.is_dir():
+        raise ConfigError(f"output path is a folder, expected a file name: {path}")
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise ConfigError(f"output folder does not exist: {parent}")
@@ -284,14 +405,21 @@ COMMANDS = {
     "evaluate": _cmd_evaluate,
     "predict": _cmd_predict,
     "explain": _cmd_explain,
+    "report": _cmd_report,
     "config": _cmd_config,
+    "export": _cmd_export,
 }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit code (0 ok, 1 error, 2 usage error, 130 interrupted)."""
     parser = _parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # usage errors: already reported in one line; --help/--version: exit 0
+        if exc.code in (0, None):
+            raise
+        return int(exc.code) if isinstance(exc.code, int) else 2
     if args.command is None:
         parser.print_help()
         return 2
@@ -310,10 +438,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("diffmic: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:  # disk full, permission denied, ... while reading or writing a file
+        if args.debug:
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"diffmic: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 1
     except MemoryError:
         print("diffmic: error: out of memory (try a smaller data.batch_size)", file=sys.stderr)
         return 1
-    except Exception as exc:  # noqa: BLE001 - last resort: one line, never a traceback dump
+    except Exception as exc:
         if args.debug:
             raise
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""

@@ -169,9 +169,13 @@ class DiffMICConfig:
             if not p.is_file():
                 raise ConfigError(f"config file not found: {p}")
             try:
-                raw = yaml.safe_load(p.read_text()) or {}
+                raw = yaml.safe_load(p.read_text())
             except yaml.YAMLError as exc:
                 raise ConfigError(f"{p}: not valid YAML ({str(exc).splitlines()[0]})") from None
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ConfigError(f"{p}: cannot read the config file ({type(exc).__name__})") from None
+            if raw is None:
+                raise ConfigError(f"{p}: the config file is empty (omit --config to use the defaults)")
             if not isinstance(raw, dict):
                 raise ConfigError(f"{p}: top level must be a mapping of sections")
         for item in overrides or []:

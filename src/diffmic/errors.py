@@ -17,3 +17,7 @@ class DataError(DiffMICError, ValueError):
 
 class CheckpointError(DiffMICError, ValueError):
     """A missing, corrupt or incompatible checkpoint."""
+
+
+class ExportError(DiffMICError, RuntimeError):
+    """A model that cannot be exported (missing export packages, unsupported op, unwritable file)."""

@@ -8,9 +8,9 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import TINY_OVERRIDES
 from PIL import Image
 
-from conftest import TINY_OVERRIDES
 from diffmic.cli import main
 from diffmic.config import DiffMICConfig
 from diffmic.models import build_model
@@ -39,10 +39,14 @@ def test_version_and_help(capsys):
         main(["--version"])
     assert exc.value.code == 0
     assert "diffmic" in capsys.readouterr().out
-    for cmd in ("train", "evaluate", "predict", "explain", "config"):
+    from diffmic.cli import COMMANDS
+
+    assert set(COMMANDS) == {"train", "evaluate", "predict", "explain", "report", "export", "config"}
+    for cmd in COMMANDS:
         with pytest.raises(SystemExit):
             main([cmd, "--help"])
-        assert "example:" in capsys.readouterr().out
+        out = capsys.readouterr().out
+        assert ("example:" in out or "examples:" in out) and f"diffmic {cmd}" in out.split("example")[-1], cmd
 
 
 def test_console_script_entry_point():

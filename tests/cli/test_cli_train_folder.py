@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 import numpy as np
+from conftest import TINY_OVERRIDES
 from PIL import Image
 
-from conftest import TINY_OVERRIDES
 from diffmic.cli import main
 
 

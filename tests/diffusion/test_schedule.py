@@ -10,7 +10,6 @@ import torch
 from diffmic.diffusion.schedule import BETA_SCHEDULES, CardSchedule, make_betas
 from diffmic.errors import ConfigError
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

@@ -8,7 +8,6 @@ import torch
 from diffmic.errors import ConfigError
 from diffmic.models.backbones import FeatureMap, create_backbone, small_input_default
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

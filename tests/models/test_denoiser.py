@@ -9,7 +9,6 @@ import torch.nn.functional as F
 from diffmic.models.backbones import create_backbone
 from diffmic.models.denoiser import ConditionalLinear, LabelDenoiser
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

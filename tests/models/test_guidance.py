@@ -11,7 +11,6 @@ import torch.nn.functional as F
 from diffmic.errors import ConfigError
 from diffmic.models.guidance import DCG, GatedAttentionMIL, default_crop_size, top_t_pool
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

@@ -16,7 +16,11 @@ import pytest
 import torch
 from conftest import TINY_OVERRIDES, shared_file
 
-from diffmic.training.checkpointing import AtomicCheckpointIO, atomic_torch_save, remove_partial_files
+from diffmic.training.checkpointing import (
+    AtomicCheckpointIO,
+    atomic_torch_save,
+    remove_partial_files,
+)
 
 EPOCHS = ["train.dcg_pretrain_epochs=1", "train.epochs=3", "train.warmup_epochs=1", "train.val_every=1"]
 

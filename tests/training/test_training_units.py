@@ -8,9 +8,9 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_OVERRIDES
 from torch import nn
 
-from conftest import TINY_OVERRIDES
 from diffmic.config import DiffMICConfig
 from diffmic.data.base import DataBundle, ImageArray
 from diffmic.training.augment import augment_batch

@@ -28,13 +28,13 @@ class RestrictedUnpickler(pickle.Unpickler):
         super().__init__(file)
         self.source = source
 
-    def find_class(self, module: str, name: str) -> Any:  # noqa: D102
+    def find_class(self, module: str, name: str) -> Any:
         raise DataError(
             f"{self.source}: refusing to load global {module}.{name}; only plain lists/dicts of "
             "str/int/float/bool/None are accepted (re-save the list with plain Python types)"
         )
 
-    def persistent_load(self, pid: Any) -> Any:  # noqa: D102
+    def persistent_load(self, pid: Any) -> Any:
         raise DataError(f"{self.source}: persistent ids are not allowed in a split list")
 
 
@@ -85,9 +85,7 @@ def _as_label(value: Any, where: str) -> int:
         raise DataError(f"{where}: label must be an integer, got {value!r}")
     if isinstance(value, int):
         label = value
-    elif isinstance(value, float) and value.is_integer():
-        label = int(value)
-    elif isinstance(value, str) and value.strip().lstrip("-").isdigit():
+    elif isinstance(value, float) and value.is_integer() or isinstance(value, str) and value.strip().lstrip("-").isdigit():
         label = int(value)
     else:
         raise DataError(f"{where}: label must be an integer, got {value!r}")

@@ -1,22 +1,40 @@
-"""Dataset-level evaluation: metrics, JSON reports and per-image uncertainty.
+"""Dataset-level evaluation: metrics, JSON reports, per-image and dataset-level uncertainty.
 
-Figures live in :mod:`diffmic.evaluation.plots` (imported explicitly: it loads matplotlib).
+Figures live in :mod:`diffmic.evaluation.plots` and the HTML run report in
+:mod:`diffmic.evaluation.html_report` (imported explicitly: they load matplotlib).
 """
 
 from __future__ import annotations
 
+from diffmic.evaluation.calibration import (
+    accuracy_at_coverage,
+    apply_temperature,
+    aurc,
+    coverage_curve,
+    expected_calibration_error,
+    fit_temperature,
+    reliability_bins,
+)
 from diffmic.evaluation.metrics import classification_metrics, confusion_matrix, per_class_table
-from diffmic.evaluation.report import EvalReport, evaluate, predict_split
+from diffmic.evaluation.report import EvalReport, build_report, evaluate, predict_split
 from diffmic.evaluation.uncertainty import class_intervals, predictive_entropy, vote_fractions
 
 __all__ = [
     "EvalReport",
+    "accuracy_at_coverage",
+    "apply_temperature",
+    "aurc",
+    "build_report",
     "class_intervals",
     "classification_metrics",
     "confusion_matrix",
+    "coverage_curve",
     "evaluate",
+    "expected_calibration_error",
+    "fit_temperature",
     "per_class_table",
     "predict_split",
     "predictive_entropy",
+    "reliability_bins",
     "vote_fractions",
 ]

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from diffmic._io import atomic_torch_save
 from diffmic.diffusion.sampling import sample
 from diffmic.diffusion.schedule import CardSchedule
 from diffmic.errors import CheckpointError, DataError
@@ -298,9 +299,7 @@ class DiffMIC(nn.Module):
             "extra": extra or {},
         }
         path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(payload, tmp)
-        tmp.replace(path)  # atomic: never leaves a truncated checkpoint
+        atomic_torch_save(payload, path)  # never leaves a truncated checkpoint
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, map_location: str | torch.device = "cpu") -> DiffMIC:
@@ -383,6 +382,8 @@ def _to_batch_tensor(images: Any) -> Tensor:
         arr = np.array(im)  # a writable copy (np.asarray of a PIL image is read-only)
         if arr.dtype == np.uint16 or arr.dtype == np.int32:
             arr = (arr.astype(np.float32) / max(1.0, float(arr.max()))).astype(np.float32)
+        elif arr.dtype.kind == "f" and np.isfinite(arr).all() and arr.size and float(arr.max()) > 1.0:
+            arr = (np.clip(arr, 0, None) / float(arr.max())).astype(np.float32)  # 32-bit float image
         return _to_batch_tensor(arr)
     if isinstance(images, np.ndarray):
         arr = images

@@ -15,7 +15,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diffmic.models.backbones import FeatureMap, create_backbone, small_input_default
-from diffmic.models.roi import cells_to_pixels, crop_batch, greedy_max_windows, normalize_saliency, window_size
+from diffmic.models.roi import (
+    cells_to_pixels,
+    crop_batch,
+    greedy_max_windows,
+    normalize_saliency,
+    window_size,
+)
 
 
 class GuidanceOutput(NamedTuple):

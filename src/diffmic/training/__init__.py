@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from diffmic.training.api import TrainResult, train
+from diffmic.training.api import TrainResult, resume, train
 
-__all__ = ["TrainResult", "train"]
+__all__ = ["TrainResult", "resume", "train"]

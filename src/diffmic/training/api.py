@@ -153,8 +153,12 @@ def train(
     from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 
     from diffmic.evaluation.report import evaluate
+    from diffmic.training.checkpointing import (
+        AtomicCheckpointIO,
+        ResumableCSVLogger,
+        remove_partial_files,
+    )
     from diffmic.training.datamodule import ArrayDataModule
-    from diffmic.training.checkpointing import AtomicCheckpointIO, ResumableCSVLogger, remove_partial_files
     from diffmic.training.module import DiffMICModule
 
     cfg = DiffMICConfig.from_dict(cfg.to_dict())  # private copy: the caller's config is not changed

@@ -87,7 +87,7 @@ class ClassifierModule(L.LightningModule):
         self._val = []
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        images, y = batch
+        images, y = batch[0], batch[1]  # eval batches also carry the image index
         self._val.append((self(self.inputs(images, train=False)).softmax(1), y))
 
     def on_validation_epoch_end(self) -> None:

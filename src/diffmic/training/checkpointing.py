@@ -22,32 +22,10 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-PARTIAL_SUFFIX = ".partial"
+from diffmic._io import PARTIAL_SUFFIX, atomic_torch_save
 
-
-def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    """``torch.save`` to ``path`` through a same-folder temporary file, fsync and rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}{PARTIAL_SUFFIX}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    try:  # make the rename itself durable
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
-
+__all__ = ["AtomicCheckpointIO", "ResumableCSVLogger", "atomic_torch_save", "remove_partial_files",
+           "rng_state", "set_rng_state"]
 
 def remove_partial_files(folder: str | Path) -> list[Path]:
     """Delete temporary checkpoint files left by a killed writer; returns what was removed."""
@@ -66,6 +44,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
         if storage_options is not None:
             raise TypeError("AtomicCheckpointIO does not take storage_options")
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
         atomic_torch_save(checkpoint, path)
 
 

@@ -1,0 +1,54 @@
+"""Atomic file writes: a temporary file in the same folder, flushed and renamed over the target.
+
+A process killed (or a disk that fills up) mid-write leaves the previous file or none, never a
+truncated file that looks complete; the temporary file is removed when the write fails.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+PARTIAL_SUFFIX = ".partial"
+
+
+def partial_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}{PARTIAL_SUFFIX}")
+
+
+def atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any]) -> Path:
+    """Call ``write(f)`` on a binary temporary file, fsync it, and rename it to ``path``."""
+    path = Path(path)
+    tmp = partial_path(path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    try:  # make the rename itself durable
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    data = text.encode("utf-8")
+    return atomic_write(path, lambda f: f.write(data))
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> Path:
+    """``torch.save`` through :func:`atomic_write`."""
+    import torch
+
+    return atomic_write(path, lambda f: torch.save(obj, f))
