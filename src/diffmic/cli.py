@@ -26,7 +26,8 @@ EXAMPLES = {
     "train": "examples:\n  diffmic train --config configs/retinamnist.yaml --set train.epochs=20\n"
              "  diffmic train --resume runs/retinamnist-20261126-101500   # continue a killed run",
     "evaluate": "examples:\n  diffmic evaluate --checkpoint runs/retinamnist/model.pt --split test --out test.json\n"
-                "  diffmic evaluate --checkpoint runs/retinamnist/model.pt --calibrate   # + uncertainty section",
+                "  diffmic evaluate --checkpoint runs/retinamnist/model.pt --calibrate --out test.json "
+                "--plots figures/",
     "report": "example:\n  diffmic report runs/retinamnist --out retinamnist-report.html",
     "predict": "example:\n  diffmic predict --checkpoint runs/retinamnist/model.pt img1.png img2.jpg --out preds.csv",
     "explain": "example:\n  diffmic explain --checkpoint runs/retinamnist/model.pt img1.png img2.jpg --out explain/",
@@ -82,6 +83,9 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--steps", type=int, default=None, help="sampling steps (denoiser calls)")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--out", type=Path, help="write the JSON report here (default: stdout)")
+    e.add_argument("--plots", type=Path, metavar="DIR",
+                   help="also write reliability.png (before/after temperature scaling with --calibrate), "
+                        "coverage.png (accuracy vs coverage) and confusion.png into DIR")
     e.add_argument("--calibrate", action="store_true",
                    help="fit a temperature on the val split and add an 'uncertainty' section: ECE before/after "
                         "temperature scaling, AURC, accuracy at 100/90/80/70/50%% coverage")
@@ -181,12 +185,14 @@ def _print_table(guidance: dict, diffusion: dict, split: str) -> None:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from diffmic.config import DiffMICConfig
     from diffmic.data.registry import build_data
-    from diffmic.evaluation.report import evaluate
+    from diffmic.evaluation.report import build_report, predict_split
     from diffmic.models.diffmic import DiffMIC
 
     _check_samples(args)
     if args.out:
         _check_writable(args.out)
+    if args.plots:
+        _prepare_out_dir(args.plots)
     model = DiffMIC.from_checkpoint(args.checkpoint)
     cfg = DiffMICConfig.from_dict(model.config)
     data_cfg = cfg.data
@@ -198,6 +204,11 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     data_cfg.channels = model.in_chans
     if args.data:
         data_cfg.class_names = None  # another dataset: take its own class count and names
+    elif data_cfg.split_file is None:  # the split the run was trained on (run/model.pt, run/checkpoints/x.ckpt)
+        for folder in (args.checkpoint.parent, args.checkpoint.parent.parent):
+            if (folder / "split.json").is_file() and (folder / "config.yaml").is_file():
+                data_cfg.split_file = str(folder / "split.json")
+                break
     data = build_data(data_cfg)
     split = data.split(args.split)
     if len(split) == 0:
@@ -214,9 +225,20 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         if args.split == "val":
             print("diffmic: note: --calibrate fits the temperature on the split it evaluates (val); "
                   "the calibrated ECE is optimistic", file=sys.stderr)
-    report = evaluate(model, split, split=args.split, batch_size=cfg.data.eval_batch_size,
-                      samples=args.samples or cfg.eval.samples, seed=args.seed,
-                      sampler=args.sampler, num_steps=args.steps, calibrate_on=calibrate_on)
+    settings = {"batch_size": cfg.data.eval_batch_size, "samples": args.samples or cfg.eval.samples,
+                "seed": args.seed, "sampler": args.sampler, "num_steps": args.steps}
+    probs, priors, labels = predict_split(model, split, **settings)
+    calibration = None
+    if calibrate_on is not None:
+        val_probs, _, val_labels = predict_split(model, calibrate_on, **settings)
+        calibration = (val_probs, val_labels)
+    report = build_report(
+        probs, priors, labels, model.class_names, split=args.split, calibration=calibration,
+        settings={"samples": settings["samples"], "seed": args.seed, "sampler": args.sampler or model.sampler,
+                  "sampling_steps": args.steps or model.sampling_steps, "temperature": model.temperature},
+    )
+    if args.plots:
+        _write_eval_plots(args.plots, report, probs, priors, labels, model.class_names)
     if args.out:
         _check_writable(args.out)
         report.to_json(args.out)
@@ -229,6 +251,23 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     else:
         print(report.to_json())
     return 0
+
+
+def _write_eval_plots(folder: Path, report, probs, priors, labels, class_names) -> None:
+    from diffmic.evaluation.calibration import apply_temperature
+    from diffmic.evaluation.plots import plot_accuracy_coverage, plot_confusion_matrix, plot_reliability
+
+    u = report.uncertainty
+    calibrated = apply_temperature(probs, u["fitted_temperature"]) if u else None
+    figures = {
+        "reliability.png": plot_reliability(probs, labels, calibrated,
+                                            temperature=u["fitted_temperature"] if u else None),
+        "coverage.png": plot_accuracy_coverage({"DiffMIC (diffusion)": probs, "DCG prior": priors}, labels),
+        "confusion.png": plot_confusion_matrix(report.confusion_matrix, class_names),
+    }
+    for name, fig in figures.items():
+        atomic_write(folder / name, lambda f, fig=fig: fig.savefig(f, format="png"))
+    print(f"figures written to {folder}: {', '.join(figures)}")
 
 
 def _read_image_file(path: Path):

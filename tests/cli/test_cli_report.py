@@ -101,9 +101,18 @@ def test_evaluate_calibrate_adds_uncertainty(tmp_path, capsys):
     data = shared_file("breastmnist.npz")
     ckpt = save_model(tmp_path / "run", data)
     out_file = tmp_path / "test.json"
-    code, out, err = run(["evaluate", "--checkpoint", ckpt, "--calibrate", "--out", out_file], capsys)
+    figures = tmp_path / "figures"
+    code, out, err = run(["evaluate", "--checkpoint", ckpt, "--calibrate", "--out", out_file,
+                          "--plots", figures], capsys)
     assert code == 0, err
     assert "temperature scaling" in out
+    from PIL import Image
+
+    assert sorted(p.name for p in figures.iterdir()) == ["confusion.png", "coverage.png", "reliability.png"]
+    for png in figures.iterdir():
+        assert png.stat().st_size > 5_000
+        with Image.open(png) as im:
+            assert len(set(im.convert("L").getdata())) > 2  # not a blank canvas
     report = json.loads(out_file.read_text())
     u = report["uncertainty"]
     assert u["calibrated_on"] == "val" and u["calibration_images"] == 78

@@ -48,6 +48,14 @@ def test_train_evaluate_predict_on_folder(tmp_path, capsys):
     assert code == 0, captured.err
     report = json.loads((tmp_path / "eval.json").read_text())
     assert report["num_images"] == metrics["test"]["num_images"]
+    # evaluate takes the run's split.json (not a fresh split): move 3 test images to train and see
+    split["train"] = split["train"] + split["test"][:3]
+    split["test"] = split["test"][3:]
+    (run / "split.json").write_text(json.dumps(split))
+    code = main(["evaluate", "--checkpoint", str(run / "checkpoints" / "best.ckpt"), "--out", str(tmp_path / "e2.json")])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert json.loads((tmp_path / "e2.json").read_text())["num_images"] == metrics["test"]["num_images"] - 3
 
     image = next((data / "normal").glob("*.png"))
     code = main(["predict", "--checkpoint", str(run / "model.pt"), str(image)])
