@@ -52,3 +52,14 @@ def test_plots_module_uses_agg_backend():
     import matplotlib
 
     assert matplotlib.get_backend().lower() == "agg"
+
+
+def test_plot_explanation_shows_every_class_saliency():
+    expl = fake_explanation(c=5)
+    names = [f"grade {i}" for i in range(5)]
+    fig = plot_explanation(np.zeros((28, 28), np.uint8), expl, names)
+    titles = [ax.get_title() for ax in fig.axes]
+    for name in names:  # one panel per class, titled with its name
+        assert any(t.startswith(f"{name} (prior") for t in titles), titles
+    only_top = plot_explanation(np.zeros((28, 28), np.uint8), expl, names, per_class=False)
+    assert not any("(prior" in ax.get_title() for ax in only_top.axes)

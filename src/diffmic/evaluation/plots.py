@@ -65,13 +65,16 @@ def plot_explanation(
     class_names: Sequence[str] | None = None,
     *,
     alpha: float = 0.45,
+    per_class: bool = True,
 ) -> Figure:
     """Figure for one :meth:`DiffMIC.explain` result.
 
-    Left: the image with the K ROI boxes, each labelled with its attention weight. Middle: the
-    saliency map of the predicted class (min-max normalised) overlaid on the image. Right: bar
-    chart of the DCG prior vs the diffusion probabilities. The image may have any size: it is
-    drawn over the model-input coordinate frame the boxes and saliency are given in.
+    Top left: the image with the K ROI boxes, each labelled with its attention weight. Top middle:
+    the saliency map of the predicted class (min-max normalised) overlaid on the image. Top right:
+    bar chart of the DCG prior vs the diffusion probabilities. Bottom row (``per_class``): the
+    saliency map (class activation map) of every class on one shared colour scale, so the classes
+    can be compared. The image may have any size: it is drawn over the model-input coordinate frame
+    the boxes and saliency are given in.
 
     Save it with ``fig.savefig(path)``; no pyplot state is touched.
     """
@@ -87,8 +90,10 @@ def plot_explanation(
     img, cmap = _display_image(image_uint8)
     extent = (0, w, h, 0)  # image drawn in model-input pixel coordinates
 
-    fig = Figure(figsize=(12, 4.2), dpi=100, layout="constrained")
-    ax_roi, ax_sal, ax_bar = fig.subplots(1, 3, gridspec_kw={"width_ratios": [1, 1, 1.1]})
+    c = len(names)
+    fig = Figure(figsize=(12, 4.2 + (3.0 if per_class else 0.0)), dpi=100, layout="constrained")
+    top, bottom = fig.subfigures(2, 1, height_ratios=[4.2, 3.0]) if per_class else (fig, None)
+    ax_roi, ax_sal, ax_bar = top.subplots(1, 3, gridspec_kw={"width_ratios": [1, 1, 1.1]})
 
     ax_roi.imshow(img, cmap=cmap, extent=extent, interpolation="nearest")
     draw_boxes(ax_roi, boxes, attention)
@@ -115,6 +120,22 @@ def plot_explanation(
     ax_bar.set_ylabel("probability")
     ax_bar.set_title(f"prediction: {names[pred]} ({probs[pred]:.2f})")
     ax_bar.legend(loc="upper right", fontsize=8)
+
+    if bottom is not None:
+        lo, hi = float(np.min(sal)), float(np.max(sal))
+        axes = np.atleast_1d(bottom.subplots(1, c))
+        heat = None
+        for k, ax in enumerate(axes):
+            ax.imshow(img, cmap=cmap, extent=extent, interpolation="nearest")
+            heat = ax.imshow(sal[k], cmap="jet", alpha=alpha, extent=extent, vmin=lo, vmax=max(hi, lo + 1e-8),
+                             interpolation="bilinear")
+            ax.set_xlim(0, w)
+            ax.set_ylim(h, 0)
+            ax.set_title(f"{names[k]} (prior {prior[k]:.2f})", fontsize=9,
+                         fontweight="bold" if k == pred else "normal")
+            ax.set_axis_off()
+        bottom.colorbar(heat, ax=list(axes), fraction=0.02, pad=0.01, label="class activation")
+        bottom.suptitle("saliency map of every class (shared scale)", fontsize=10)
     return fig
 
 
