@@ -169,3 +169,33 @@ def test_remove_partial_files(tmp_path):
     (tmp_path / "best.ckpt").write_bytes(b"y")
     assert [p.name for p in remove_partial_files(tmp_path)] == [".last.ckpt.123.partial"]
     assert [p.name for p in tmp_path.iterdir()] == ["best.ckpt"]
+
+
+def test_find_resumable_run(tmp_path):
+    import time
+
+    from diffmic.config import DiffMICConfig
+    from diffmic.training.api import find_resumable_run
+
+    def make(name, *, finished=False, ckpt=True):
+        d = tmp_path / name
+        (d / "checkpoints").mkdir(parents=True)
+        if ckpt:
+            (d / "checkpoints" / "last.ckpt").write_bytes(b"x")
+        if finished:
+            (d / "metrics.json").write_text("{}")
+        time.sleep(0.01)  # distinct modification times
+        return d
+
+    cfg = DiffMICConfig.from_yaml(None, [f"train.out_dir={tmp_path}", "data.path=/data/retina.npz"])
+    assert find_resumable_run(cfg) is None
+    make("retina-20261126-010000")
+    newest = make("retina-20261126-020000")
+    make("retina-20261126-030000", finished=True)  # finished: not resumable
+    make("retina-20261126-040000", ckpt=False)  # died before its first epoch ended
+    make("breast-20261126-050000")  # another dataset
+    assert find_resumable_run(cfg) == newest
+    named = DiffMICConfig.from_yaml(None, [f"train.out_dir={tmp_path}", "train.run_name=retina-20261126-010000"])
+    assert find_resumable_run(named) == tmp_path / "retina-20261126-010000"
+    named.train.run_name = "retina-20261126-030000"
+    assert find_resumable_run(named) is None
