@@ -14,6 +14,17 @@ from typing import IO, Any
 PARTIAL_SUFFIX = ".partial"
 
 
+def check_output_file(path: Path, error: type[Exception]) -> None:
+    """Raise ``error`` (one line) unless ``path`` can be written as a file: not a folder, parent exists and is writable."""
+    if path.is_dir():
+        raise error(f"output path is a folder, expected a file name: {path}")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise error(f"output folder does not exist: {parent}")
+    if not os.access(parent, os.W_OK):
+        raise error(f"output folder is not writable: {parent}")
+
+
 def partial_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}{PARTIAL_SUFFIX}")
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from diffmic import __version__
-from diffmic._io import atomic_write, atomic_write_text
+from diffmic._io import atomic_write, atomic_write_text, check_output_file
 from diffmic.errors import ConfigError, DataError, DiffMICError
 
 DEFAULT_DATA = Path("..") / "shared" / "data" / "retinamnist.npz"  # relative to the working folder
@@ -430,13 +430,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _check_writable(path: Path) -> None:
-    if path.is_dir():
-        raise ConfigError(f"output path is a folder, expected a file name: {path}")
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise ConfigError(f"output folder does not exist: {parent}")
-    if not os.access(parent, os.W_OK):
-        raise ConfigError(f"output folder is not writable: {parent}")
+    check_output_file(path, ConfigError)
 
 
 COMMANDS = {

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from diffmic._io import check_output_file
 from diffmic.diffusion.sampling import ddim_timesteps, sample_ddim
 from diffmic.errors import ConfigError, DiffMICError, ExportError
 from diffmic.models.diffmic import DiffMIC, probs_from_y0
@@ -102,13 +103,7 @@ def _one_line(exc: BaseException) -> str:
 
 
 def _check_destination(path: Path) -> None:
-    if path.is_dir():
-        raise ExportError(f"output path is a folder, not a file: {path}")
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise ExportError(f"output folder does not exist: {parent}")
-    if not os.access(parent, os.W_OK):
-        raise ExportError(f"output folder is not writable: {parent}")
+    check_output_file(path, ExportError)
 
 
 def _metadata(model: DiffMIC, samples: int, num_steps: int, batch_size: int | None) -> dict[str, str]:
