@@ -255,7 +255,11 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 def _write_eval_plots(folder: Path, report, probs, priors, labels, class_names) -> None:
     from diffmic.evaluation.calibration import apply_temperature
-    from diffmic.evaluation.plots import plot_accuracy_coverage, plot_confusion_matrix, plot_reliability
+    from diffmic.evaluation.plots import (
+        plot_accuracy_coverage,
+        plot_confusion_matrix,
+        plot_reliability,
+    )
 
     u = report.uncertainty
     calibrated = apply_temperature(probs, u["fitted_temperature"]) if u else None
