@@ -304,10 +304,15 @@ class DiffMIC(nn.Module):
     @classmethod
     def from_checkpoint(cls, path: str | Path, map_location: str | torch.device = "cpu") -> DiffMIC:
         """Load a model saved by :meth:`save` (or a Lightning checkpoint of a training run)."""
+        return cls.from_payload(load_checkpoint_payload(path, map_location), source=path).to(map_location)
+
+    @classmethod
+    def from_payload(cls, payload: dict[str, Any], source: str | Path = "checkpoint") -> DiffMIC:
+        """Build a model from an already loaded checkpoint dict (``source`` names it in errors)."""
         from diffmic.config import DiffMICConfig
         from diffmic.models.factory import build_model
 
-        payload = load_checkpoint_payload(path, map_location)
+        path = source
         if payload.get("format") == CHECKPOINT_FORMAT:
             cfg_dict, args, state = payload.get("config"), payload.get("model_args"), payload.get("state_dict")
         elif "hyper_parameters" in payload and "state_dict" in payload:  # Lightning .ckpt
@@ -340,7 +345,7 @@ class DiffMIC(nn.Module):
             first = str(exc).splitlines()[0]
             raise CheckpointError(f"{path}: weights do not match the stored config ({first})") from None
         model.eval()
-        return model.to(map_location)
+        return model
 
 
 def load_checkpoint_payload(path: str | Path, map_location: str | torch.device = "cpu") -> dict:

@@ -17,7 +17,7 @@ from diffmic.config import DiffMICConfig
 from diffmic.data.base import DataBundle
 from diffmic.data.registry import build_data
 from diffmic.errors import CheckpointError, DataError
-from diffmic.models.diffmic import DiffMIC
+from diffmic.models.diffmic import DiffMIC, load_checkpoint_payload
 
 log = logging.getLogger(__name__)
 
@@ -221,8 +221,8 @@ def train(
         return TrainResult(run_dir, run_dir / "model.pt", Path(ckpt.best_model_path or ""), {})
 
     best = Path(ckpt.best_model_path) if ckpt.best_model_path else Path(last.best_model_path)
-    model = DiffMIC.from_checkpoint(best)
-    payload = torch.load(best, map_location="cpu", weights_only=True)
+    payload = load_checkpoint_payload(best)
+    model = DiffMIC.from_payload(payload, source=best)
     selected_epoch = int(payload.get("epoch", -1))
     model_path = run_dir / "model.pt"
     model.save(model_path, extra={"selected_epoch": selected_epoch, "git_commit": _git_commit()})
