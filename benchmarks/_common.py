@@ -92,6 +92,12 @@ def update_section(docs: Path, name: str, body: str) -> None:
     docs.write_text(text)
 
 
+def commit_label(info: dict[str, Any]) -> str:
+    """The run's commit for a results table, marked when the tree had uncommitted changes."""
+    label = info["git_commit"] or "no commit"
+    return label + " (uncommitted changes)" if info.get("git_dirty") else label
+
+
 def mean_sd(values: list[float]) -> dict[str, Any]:
     """Mean and sample standard deviation over the finite values (sd None for fewer than 2)."""
     vals = [float(v) for v in values if v is not None and math.isfinite(float(v))]

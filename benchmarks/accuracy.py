@@ -157,9 +157,7 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def markdown(result: dict[str, Any]) -> str:
     s, info = result["settings"], result["run"]
-    commit = info["git_commit"] or "no commit"
-    if info.get("git_dirty"):
-        commit += " (uncommitted changes)"
+    commit = common.commit_label(info)
     d, j = s["diffmic_split"]
     lines = [
         "## Accuracy against baselines",

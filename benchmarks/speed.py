@@ -336,9 +336,7 @@ def targets(results: list[dict[str, Any]], default_steps: int) -> list[dict[str,
 
 def markdown(result: dict[str, Any]) -> str:
     info, s = result["run"], result["settings"]
-    commit = info["git_commit"] or "no commit"
-    if info.get("git_dirty"):
-        commit += " (uncommitted changes)"
+    commit = common.commit_label(info)
     lines = [
         "## Speed: inference and training on CPU",
         "",

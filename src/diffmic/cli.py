@@ -298,10 +298,10 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     if args.out:
         _check_writable(args.out)
     images = [_read_image_file(p) for p in args.images]
-    for path, im in zip(args.images, images, strict=True):  # every file checked before any output
-        _check_image(model, path, im)
     gen = torch.Generator().manual_seed(args.seed)
-    details = [model.predict_details(im, samples=args.samples, generator=gen) for im in images]
+    # Nothing is written before every image has been predicted; a bad image names its file.
+    details = [_named(path, model.predict_details, im, samples=args.samples, generator=gen)
+               for path, im in zip(args.images, images, strict=True)]
     cols = {k: torch.cat([d[k] for d in details]).tolist()
             for k in ("probs", "entropy", "votes", "interval_low", "interval_high")}
     names = model.class_names
@@ -324,10 +324,10 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_image(model, path: Path, image) -> None:
-    """Reject an image the model cannot take (NaN pixels, unconvertible channels), naming the file."""
+def _named(path: Path, fn, *args, **kwargs):
+    """``fn(*args, **kwargs)``; an image the model cannot take (NaN pixels, unconvertible channels) names its file."""
     try:
-        model.preprocess(image)
+        return fn(*args, **kwargs)
     except DiffMICError as exc:
         raise DataError(f"{path}: {exc}") from None
 
@@ -367,7 +367,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
 
     gen = torch.Generator().manual_seed(args.seed)
     for path, im in zip(args.images, images, strict=True):
-        explanation = model.explain(im, samples=args.samples, generator=gen)
+        explanation = _named(path, model.explain, im, samples=args.samples, generator=gen)
         fig = plot_explanation(_display_array(im), explanation, model.class_names)
         target = args.out / f"{path.stem}_explain.png"
         atomic_write(target, lambda f, fig=fig: fig.savefig(f, format="png"))

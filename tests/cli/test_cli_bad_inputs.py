@@ -10,26 +10,20 @@ import inspect
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_OVERRIDES, shared_file
+from conftest import shared_file
 from PIL import Image
 
 from diffmic.cli import main
 from diffmic.config import DiffMICConfig
-from diffmic.models import build_model
 
 TINY = "configs/tiny.yaml"
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
+def env(tiny_checkpoint, tmp_path_factory):
     """A 2-class 1-channel model.pt, its data file and a valid PNG."""
-    data = shared_file("breastmnist.npz")
-    base = tmp_path_factory.mktemp("bad_inputs")
-    cfg = DiffMICConfig.from_yaml(None, [f"data.path={data}", *TINY_OVERRIDES])
-    model = build_model(cfg, num_classes=2, in_chans=1, image_size=28, class_names=["malignant", "benign"])
-    ckpt = base / "model.pt"
-    model.save(ckpt)
-    png = base / "ok.png"
+    ckpt, data = tiny_checkpoint
+    png = tmp_path_factory.mktemp("bad_inputs") / "ok.png"
     Image.fromarray(np.load(data)["test_images"][0]).save(png)
     return {"ckpt": ckpt, "data": data, "png": png}
 

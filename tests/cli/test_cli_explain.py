@@ -4,22 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import TINY_OVERRIDES, shared_file
 from PIL import Image
 
 from diffmic.cli import main
-from diffmic.config import DiffMICConfig
-from diffmic.models import build_model
-
-
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
-    data = shared_file("breastmnist.npz")
-    cfg = DiffMICConfig.from_yaml(None, [f"data.path={data}", *TINY_OVERRIDES])
-    model = build_model(cfg, num_classes=2, in_chans=1, image_size=28, class_names=["malignant", "benign"])
-    path = tmp_path_factory.mktemp("ckpt") / "model.pt"
-    model.save(path)
-    return path, data
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ from diffmic.training.module import warmup_cosine
 
 
 def test_warmup_cosine_shape():
-    kw = dict(lr=1e-3, min_lr=0.0, warmup=40, total=1000)
+    kw = {"lr": 1e-3, "min_lr": 0.0, "warmup": 40, "total": 1000}
     assert warmup_cosine(0, **kw) == 0.0  # the very first step has lr 0, as the original
     assert warmup_cosine(20, **kw) == pytest.approx(5e-4)
     assert warmup_cosine(40, **kw) == pytest.approx(1e-3)

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from diffmic._io import atomic_write_text, check_output_file
 from diffmic.data.base import DataBundle
 from diffmic.errors import CheckpointError, ConfigError, DataError, DiffMICError
 from diffmic.evaluation.calibration import apply_temperature
@@ -328,9 +329,7 @@ def write_report(
     out = Path(out) if out is not None else run_dir / REPORT_NAME
     if out.is_dir():
         out = out / REPORT_NAME
-    parent = out.parent if str(out.parent) else Path(".")
-    if not parent.is_dir():
-        raise ConfigError(f"output folder does not exist: {parent}")
+    check_output_file(out, ConfigError)
     if samples is not None and samples < 1:
         raise ConfigError(f"samples must be >= 1, got {samples}")
 
@@ -443,12 +442,9 @@ def write_report(
         f"<title>{e(title)}</title><style>{CSS}</style></head><body>\n"
     )
     page = head + "\n".join(b for b in body if b) + "\n</body></html>\n"
-    tmp = out.with_name(out.name + ".tmp")
     try:
-        tmp.write_text(page, encoding="utf-8")
-        tmp.replace(out)
+        atomic_write_text(out, page)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise ConfigError(f"cannot write {out} ({exc.strerror or type(exc).__name__})") from None
     return out
 

@@ -7,6 +7,8 @@ image in one batch; probabilities are the mean over chains of softmax(y_0 / temp
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -172,6 +174,16 @@ class DiffMIC(nn.Module):
                               align_corners=False, antialias=True).clamp(0, 1)
         return self.normalize(x.to(self.mean.device))
 
+    @contextmanager
+    def _eval_mode(self) -> Iterator[None]:
+        """Eval mode for the block; the previous train/eval mode is restored afterwards."""
+        was_training = self.training
+        self.eval()
+        try:
+            yield
+        finally:
+            self.train(was_training)
+
     @torch.no_grad()
     def predict_proba(
         self,
@@ -182,13 +194,9 @@ class DiffMIC(nn.Module):
         batch_size: int = 256,
     ) -> Tensor:
         """Class probabilities (N, C) from the diffusion output, in eval mode."""
-        was_training = self.training
-        self.eval()
-        try:
+        with self._eval_mode():
             x = self.preprocess(images)
             out = [self(chunk, samples=samples, generator=generator).probs for chunk in x.split(batch_size)]
-        finally:
-            self.train(was_training)
         return torch.cat(out)
 
     @torch.no_grad()
@@ -220,11 +228,9 @@ class DiffMIC(nn.Module):
             vote_fractions,
         )
 
-        was_training = self.training
-        self.eval()
         parts: dict[str, list[Tensor]] = {k: [] for k in
                                           ("probs", "prior", "votes", "entropy", "interval_low", "interval_high")}
-        try:
+        with self._eval_mode():
             x = self.preprocess(images)
             for chunk in x.split(batch_size):
                 out = self(chunk, samples=samples, generator=generator)
@@ -235,8 +241,6 @@ class DiffMIC(nn.Module):
                 parts["entropy"].append(predictive_entropy(out.probs))
                 parts["interval_low"].append(low)
                 parts["interval_high"].append(high)
-        finally:
-            self.train(was_training)
         return {k: torch.cat(v) for k, v in parts.items()}
 
     @torch.no_grad()
@@ -257,15 +261,11 @@ class DiffMIC(nn.Module):
             ``prior``: numpy (C,) DCG prior; ``probs``: numpy (C,) diffusion probabilities;
             ``prediction``: argmax of ``probs``; ``class_names``; ``image_size``.
         """
-        was_training = self.training
-        self.eval()
-        try:
+        with self._eval_mode():
             x = self.preprocess(image)
             if x.shape[0] != 1:
                 raise DataError(f"explain takes one image, got a batch of {x.shape[0]}")
             out = self(x, samples=samples, generator=generator)
-        finally:
-            self.train(was_training)
         size = (x.shape[2], x.shape[3])
         sal = F.interpolate(out.guidance.saliency.float(), size=size, mode="bilinear", align_corners=False)
         crop = self.guidance.crop_size
