@@ -1,4 +1,4 @@
-"""Image decoding, mode conversion, centre crop and the decode-once cache."""
+"""Image decoding, mode conversion, centre crop (diffmic.images) and the decode-once cache (data.files)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,19 @@ import pytest
 from PIL import Image
 
 from diffmic.data import files
-from diffmic.data.files import load_image, load_images, read_csv, to_uint8_array
+from diffmic.data.files import load_images, read_csv
 from diffmic.errors import DataError
+from diffmic.images import ImageSpec
+from diffmic.images import load_image as _load_image
+from diffmic.images import pil_to_uint8 as to_uint8_array
+
+
+def load_image(path, channels, size, *, center_square=False):
+    return _load_image(path, ImageSpec(size, channels, center_square))
+
+
+def _spec(size, channels, center=False):
+    return ImageSpec(size, channels, center)
 
 
 def _save(path: Path, arr: np.ndarray, mode: str | None = None) -> Path:
@@ -90,12 +101,12 @@ def test_corrupt_file_errors_or_is_skipped_with_warning(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="bad.png"):
         load_image(bad, 3, 8)
     with pytest.raises(DataError, match="bad.png"):
-        load_images([good, bad], channels=3, size=8)
+        load_images([good, bad], spec=_spec(8, 3))
     with pytest.warns(UserWarning, match="skipped 1 unreadable"):
-        res = load_images([bad, good], channels=3, size=8, skip_corrupt=True)
+        res = load_images([bad, good], spec=_spec(8, 3), skip_corrupt=True)
     assert res.kept.tolist() == [1] and res.images.shape == (1, 8, 8, 3)
     with pytest.raises(DataError, match="not found.*missing.png"):
-        load_images([tmp_path / "missing.png"], channels=3, size=8)
+        load_images([tmp_path / "missing.png"], spec=_spec(8, 3))
 
 
 def test_cache_hit_skips_decoding(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -113,7 +124,7 @@ def test_cache_hit_skips_decoding(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 
     monkeypatch.setattr(files, "decode_image", counting)
     cache = tmp_path / "cache"
-    first = load_images(paths, channels=3, size=8, cache_dir=cache, want_hash=True)
+    first = load_images(paths, spec=_spec(8, 3), cache_dir=cache, want_hash=True)
     assert len(calls) == 5 and any(cache.glob("*.npy"))
 
     def boom(path):
@@ -121,19 +132,19 @@ def test_cache_hit_skips_decoding(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 
     monkeypatch.setattr(files, "decode_image", boom)
     order = paths[::-1] + [paths[0]]  # other order and a repeat: served from the same entry
-    second = load_images(order, channels=3, size=8, cache_dir=cache, want_hash=True)
+    second = load_images(order, spec=_spec(8, 3), cache_dir=cache, want_hash=True)
     np.testing.assert_array_equal(second.images[:5], first.images[::-1])
     np.testing.assert_array_equal(second.images[5], first.images[0])
     assert second.hashes[:5] == first.hashes[::-1]
 
     monkeypatch.setattr(files, "decode_image", counting)
     calls.clear()
-    load_images(paths, channels=1, size=8, cache_dir=cache)  # other preprocessing: new entry
+    load_images(paths, spec=_spec(8, 1), cache_dir=cache)  # other preprocessing: new entry
     assert len(calls) == 5
     _save(paths[2], np.zeros((12, 10, 3), dtype=np.uint8))  # changed file: new entry
     os.utime(paths[2], ns=(1, 1))
     calls.clear()
-    third = load_images(paths, channels=3, size=8, cache_dir=cache)
+    third = load_images(paths, spec=_spec(8, 3), cache_dir=cache)
     assert len(calls) == 5 and np.all(third.images[2] == 0)
 
 
@@ -142,7 +153,7 @@ def test_unwritable_cache_warns_and_still_loads(tmp_path: Path) -> None:
     not_a_dir = tmp_path / "file"
     not_a_dir.write_text("x")
     with pytest.warns(UserWarning, match="cache disabled"):
-        res = load_images([p], channels=3, size=8, cache_dir=not_a_dir / "cache")
+        res = load_images([p], spec=_spec(8, 3), cache_dir=not_a_dir / "cache")
     assert res.images.shape == (1, 8, 8, 3)
 
 
@@ -153,7 +164,7 @@ def test_cache_records_skipped_files_and_warns_again(tmp_path: Path) -> None:
     for _ in range(2):
         with pytest.warns(UserWarning, match="skipped 1"):
             res = load_images(
-                [good, bad], channels=3, size=8, cache_dir=tmp_path / "c", skip_corrupt=True
+                [good, bad], spec=_spec(8, 3), cache_dir=tmp_path / "c", skip_corrupt=True
             )
         assert res.kept.tolist() == [0]
 

@@ -74,6 +74,5 @@ def read_aptos2019(cfg: DataConfig, run_dir: Path | None) -> DataBundle:
         labels=labels,
         ids=ids,
         class_names=names,
-        center_square=True,
         group_duplicates=True,
     )

@@ -78,33 +78,6 @@ class ArrayDataset(Dataset):
         return self.images[i], self.labels[i]
 
 
-def convert_channels(images: np.ndarray, channels: int | None, source: str) -> np.ndarray:
-    """Convert (N, H, W, C) uint8 images to 1 or 3 channels (None keeps them)."""
-    have = images.shape[3]
-    if channels is None or channels == have:
-        return images
-    if have == 1 and channels == 3:
-        return np.repeat(images, 3, axis=3)
-    if have == 3 and channels == 1:
-        gray = images.astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
-        return np.clip(np.rint(gray), 0, 255).astype(np.uint8)[..., None]
-    raise DataError(f"{source}: cannot convert {have}-channel images to {channels} channels")
-
-
-def resize_images(images: np.ndarray, size: int) -> np.ndarray:
-    """Resize (N, H, W, C) uint8 images to (N, size, size, C) with antialiased bilinear."""
-    if images.shape[1] == size and images.shape[2] == size:
-        return images
-    out = []
-    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
-    for chunk in x.split(512):
-        y = torch.nn.functional.interpolate(
-            chunk.float(), size=(size, size), mode="bilinear", align_corners=False, antialias=True
-        )
-        out.append(y.round().clamp(0, 255).to(torch.uint8))
-    return torch.cat(out).permute(0, 2, 3, 1).numpy()
-
-
 def check_labels(labels: np.ndarray, num_classes: int, source: str) -> None:
     """Raise a clear error if any label is outside [0, num_classes)."""
     if labels.size and (labels.min() < 0 or labels.max() >= num_classes):

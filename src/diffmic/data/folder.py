@@ -7,9 +7,9 @@ from pathlib import Path
 
 from diffmic.config import DataConfig
 from diffmic.data.base import DataBundle
-from diffmic.data.files import IMAGE_EXTENSIONS
 from diffmic.data.splits import read_file_layout
 from diffmic.errors import DataError
+from diffmic.images import IMAGE_EXTENSIONS
 
 
 def list_images(folder: Path) -> list[Path]:

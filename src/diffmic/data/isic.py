@@ -141,6 +141,5 @@ def read_isic2018(cfg: DataConfig, run_dir: Path | None) -> DataBundle:
         ids=ids,
         class_names=names,
         groups=groups,
-        center_square=True,
         extra=extra,
     )

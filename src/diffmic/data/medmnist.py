@@ -7,8 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
-from diffmic.data.base import DataBundle, ImageArray, check_labels, convert_channels, resize_images
+from diffmic.data.base import DataBundle, ImageArray, check_labels
 from diffmic.errors import DataError
+from diffmic.images import ImageSpec, prepare_batch
 
 SPLITS = ("train", "val", "test")
 
@@ -26,6 +27,8 @@ def read_medmnist(
         path: the ``.npz`` file.
         image_size: resize every image to this side (None keeps the stored size).
         channels: convert to 1 or 3 channels (None keeps them).
+
+    Channel conversion and resizing are :func:`diffmic.images.prepare` (no centre crop).
         class_names: names of the classes; None gives "0".."C-1" with C = max label + 1.
     """
     p = Path(path)
@@ -70,9 +73,8 @@ def read_medmnist(
             raise DataError(f"{where}: {len(images)} images but {len(labels)} labels")
         if not np.issubdtype(labels.dtype, np.integer):
             raise DataError(f"{where}: labels must be integers, got {labels.dtype}")
-        images = convert_channels(images, channels, where)
-        if image_size is not None:
-            images = resize_images(images, image_size)
+        spec = ImageSpec(image_size or images.shape[1], channels or images.shape[3])  # no crop
+        images = prepare_batch(images, spec)
         splits[split] = ImageArray(images, labels.astype(np.int64))
 
     if len(splits["train"]) == 0:

@@ -204,6 +204,5 @@ def read_pickle_split(cfg: DataConfig, run_dir: Path | None) -> DataBundle:
         ids=ids,
         class_names=names,
         split_names=None if "all" in files else split_names,
-        center_square=True,
         extra={"split_files": {k: str(v) for k, v in files.items()}},
     )

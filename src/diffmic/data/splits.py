@@ -17,7 +17,7 @@ import numpy as np
 
 from diffmic.config import DataConfig
 from diffmic.data.base import DataBundle, ImageArray, check_labels
-from diffmic.data.files import default_cache_dir, image_settings, load_images
+from diffmic.data.files import default_cache_dir, image_spec, load_images
 from diffmic.errors import DataError
 
 SPLITS = ("train", "val", "test")
@@ -268,7 +268,6 @@ def read_file_layout(
     class_names: list[str],
     groups: list[str] | None = None,
     split_names: list[str] | None = None,
-    center_square: bool = False,
     group_duplicates: bool = False,
     strict_classes: bool = False,
     extra: dict | None = None,
@@ -276,7 +275,8 @@ def read_file_layout(
     """Decode the listed images (cached), drop skipped ones, split them and build the bundle.
 
     Args:
-        cfg: the data options (image size, channels, cache, split settings).
+        cfg: the data options (image size, channels, cache, split settings); the preprocessing is
+            :func:`diffmic.data.files.image_spec` of it (``data.format`` decides the centre crop).
         run_dir: where ``split.json`` is written (None: not written).
         root: dataset root (default cache folder ``<root>/.diffmic_cache``).
         source: prefix of messages.
@@ -284,18 +284,14 @@ def read_file_layout(
         class_names: names of the classes (labels index it).
         groups: per-image group keys kept together by the split (None: independent images).
         split_names: per-image "train"/"val"/"test" from the layout itself (None: make a split).
-        center_square: centre-square crop before resizing.
         group_duplicates: group pixel-identical images (hash of the decoded pixels).
         strict_classes: a class without images is an error (else a warning).
         extra: merged into ``DataBundle.extra``.
     """
-    size, channels = image_settings(cfg.image_size, cfg.channels)
     ids = unique_ids(ids)
     loaded = load_images(
         paths,
-        channels=channels,
-        size=size,
-        center_square=center_square,
+        spec=image_spec(cfg),
         cache_dir=default_cache_dir(cfg.cache_dir, root),
         skip_corrupt=cfg.skip_corrupt,
         want_hash=group_duplicates,

@@ -12,7 +12,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -21,6 +20,7 @@ from diffmic._io import atomic_torch_save
 from diffmic.diffusion.sampling import sample
 from diffmic.diffusion.schedule import CardSchedule
 from diffmic.errors import CheckpointError, DataError
+from diffmic.images import ImageSpec, to_batch, to_model_input
 from diffmic.models.denoiser import LabelDenoiser
 from diffmic.models.guidance import DCG, GuidanceOutput
 
@@ -59,6 +59,9 @@ class DiffMIC(nn.Module):
         eta: DDIM stochasticity.
         temperature: softmax temperature turning y_0 into probabilities.
         share_encoder: the denoiser embeds the DCG's pooled global features instead of the image.
+        image_spec: the preprocessing (:class:`~diffmic.images.ImageSpec`) every input goes through;
+            None: ``image_size``, ``in_chans``, ``mean``, ``std`` and no centre crop. Stored in
+            checkpoints; when given it must agree with those four arguments.
     """
 
     def __init__(
@@ -77,6 +80,7 @@ class DiffMIC(nn.Module):
         eta: float = 0.0,
         temperature: float = 0.1,
         share_encoder: bool = False,
+        image_spec: ImageSpec | None = None,
     ) -> None:
         super().__init__()
         self.guidance = guidance
@@ -90,6 +94,12 @@ class DiffMIC(nn.Module):
         self.eta = eta
         self.temperature = temperature
         self.share_encoder = share_encoder
+        spec = ImageSpec(image_size, in_chans, False, tuple(mean), tuple(std))
+        if image_spec is not None and (image_spec.size, image_spec.channels, image_spec.mean, image_spec.std) != (
+            spec.size, spec.channels, spec.mean, spec.std
+        ):
+            raise ValueError(f"image_spec {image_spec} disagrees with image_size/in_chans/mean/std {spec}")
+        self.image_spec = image_spec or spec
         m = torch.tensor(mean, dtype=torch.float32).expand(in_chans).reshape(1, in_chans, 1, 1)
         s = torch.tensor(std, dtype=torch.float32).expand(in_chans).reshape(1, in_chans, 1, 1)
         self.register_buffer("mean", m.clone(), persistent=False)
@@ -163,16 +173,13 @@ class DiffMIC(nn.Module):
     def preprocess(self, images: Any) -> Tensor:
         """Images (tensor, numpy array, PIL image, or a list of them) -> normalised (N, C, H, W).
 
-        uint8 inputs are scaled by 1/255; float inputs must already be in [0, 1]. Arrays are
-        (H, W), (H, W, C) or (N, H, W, C); tensors are (C, H, W) or (N, C, H, W). Channels are
-        converted and images resized to the model's size.
+        The training path, by :attr:`image_spec` (see :mod:`diffmic.images`): PIL images and
+        uint16 arrays become the uint8 array a dataset reader stores (EXIF orientation, 16-bit
+        ÷ 257, centre crop if the spec says so, channel conversion, PIL bilinear resize); uint8 is
+        scaled by 1/255; float inputs must already be in [0, 1]. Arrays are (H, W), (H, W, C) or
+        (N, H, W, C); tensors are (C, H, W) or (N, C, H, W).
         """
-        x = _to_batch_tensor(images)
-        x = _convert_channels(x, self.in_chans)
-        if x.shape[-2:] != (self.image_size, self.image_size):
-            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear",
-                              align_corners=False, antialias=True).clamp(0, 1)
-        return self.normalize(x.to(self.mean.device))
+        return to_model_input(to_batch(images, self.image_spec).to(self.mean.device), self.image_spec)
 
     @contextmanager
     def _eval_mode(self) -> Iterator[None]:
@@ -294,6 +301,7 @@ class DiffMIC(nn.Module):
                 "class_names": self.class_names,
                 "in_chans": self.in_chans,
                 "image_size": self.image_size,
+                "image_spec": self.image_spec.to_dict(),
             },
             "state_dict": self.state_dict(),
             "extra": extra or {},
@@ -332,12 +340,14 @@ class DiffMIC(nn.Module):
         if missing or not isinstance(state, dict) or not isinstance(cfg_dict, dict):
             raise CheckpointError(f"{path}: incomplete checkpoint (no config, state_dict or model_args {missing})")
         cfg = DiffMICConfig.from_dict(cfg_dict, source=f"{path} config")
+        spec = _stored_image_spec(args, cfg.data.mean, cfg.data.std, path)  # None: derived from the config
         model = build_model(
             cfg,
             num_classes=args["num_classes"],
             in_chans=args["in_chans"],
             image_size=args["image_size"],
             class_names=args["class_names"],
+            image_spec=spec,
         )
         try:
             model.load_state_dict(state, strict=True)
@@ -363,73 +373,19 @@ def load_checkpoint_payload(path: str | Path, map_location: str | torch.device =
     return payload
 
 
-def _to_batch_tensor(images: Any) -> Tensor:
-    """Normalise the many accepted input types to a float (N, C, H, W) tensor in [0, 1]."""
+def _stored_image_spec(args: dict[str, Any], mean: list[float], std: list[float], path: str | Path) -> ImageSpec | None:
+    """``model_args["image_spec"]`` checked against the stored shape and config; None if absent (older checkpoints)."""
+    if "image_spec" not in args:
+        return None
     try:
-        from PIL import Image
-    except ImportError:  # pragma: no cover
-        Image = None  # type: ignore[assignment]
-    if isinstance(images, (list, tuple)):
-        if not images:
-            raise DataError("no images given")
-        parts = [_to_batch_tensor(im) for im in images]
-        shapes = {tuple(p.shape[1:]) for p in parts}
-        if len(shapes) > 1:
-            size = max(p.shape[-1] for p in parts)
-            parts = [F.interpolate(p, size=(size, size), mode="bilinear", align_corners=False) if p.shape[-2:] != (size, size) else p for p in parts]
-            chans = max(p.shape[1] for p in parts)
-            parts = [_convert_channels(p, chans) for p in parts]
-        return torch.cat(parts)
-    if Image is not None and isinstance(images, Image.Image):
-        im = images
-        if im.mode not in ("L", "RGB"):
-            im = im.convert("RGB") if im.mode in ("RGBA", "P", "CMYK", "LA") else im
-        arr = np.array(im)  # a writable copy (np.asarray of a PIL image is read-only)
-        if arr.dtype == np.uint16 or arr.dtype == np.int32:
-            arr = (arr.astype(np.float32) / max(1.0, float(arr.max()))).astype(np.float32)
-        elif arr.dtype.kind == "f" and np.isfinite(arr).all() and arr.size and float(arr.max()) > 1.0:
-            arr = (np.clip(arr, 0, None) / float(arr.max())).astype(np.float32)  # 32-bit float image
-        return _to_batch_tensor(arr)
-    if isinstance(images, np.ndarray):
-        arr = images
-        if arr.ndim == 2:
-            arr = arr[None, ..., None]
-        elif arr.ndim == 3:
-            arr = arr[None] if arr.shape[-1] in (1, 3, 4) else arr[..., None]
-        if arr.ndim != 4:
-            raise DataError(f"image array must be (H, W), (H, W, C) or (N, H, W, C), got shape {images.shape}")
-        t = torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2)
-        return _scale(t)
-    if isinstance(images, Tensor):
-        t = images
-        if t.ndim == 2:
-            t = t[None, None]
-        elif t.ndim == 3:
-            t = t[None]
-        if t.ndim != 4:
-            raise DataError(f"image tensor must be (C, H, W) or (N, C, H, W), got shape {tuple(images.shape)}")
-        return _scale(t)
-    raise DataError(f"unsupported image type {type(images).__name__}; give tensors, numpy arrays or PIL images")
-
-
-def _scale(t: Tensor) -> Tensor:
-    if t.dtype == torch.uint8:
-        return t.float() / 255.0
-    t = t.float()
-    if not torch.isfinite(t).all():
-        raise DataError("images contain NaN or infinite values")
-    return t
-
-
-def _convert_channels(x: Tensor, channels: int) -> Tensor:
-    c = x.shape[1]
-    if c == 4:
-        x, c = x[:, :3], 3
-    if c == channels:
-        return x
-    if c == 1 and channels == 3:
-        return x.expand(-1, 3, -1, -1).contiguous()
-    if c == 3 and channels == 1:
-        w = torch.tensor([0.299, 0.587, 0.114], dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-        return (x * w).sum(dim=1, keepdim=True)
-    raise DataError(f"cannot convert {c}-channel images to {channels} channels")
+        spec = ImageSpec.from_dict(args["image_spec"])
+    except DataError as exc:
+        raise CheckpointError(f"{path}: invalid image_spec ({exc})") from None
+    if (spec.size, spec.channels, spec.mean, spec.std) != (
+        args["image_size"], args["in_chans"], tuple(map(float, mean)), tuple(map(float, std))
+    ):
+        raise CheckpointError(
+            f"{path}: image_spec {spec.to_dict()} disagrees with the stored image_size {args['image_size']}, "
+            f"in_chans {args['in_chans']} or data.mean/std {mean}/{std}"
+        )
+    return spec

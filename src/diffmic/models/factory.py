@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from diffmic.config import DiffMICConfig
 from diffmic.diffusion.schedule import CardSchedule
+from diffmic.images import ImageSpec
 from diffmic.models.backbones import create_backbone, small_input_default
 from diffmic.models.denoiser import LabelDenoiser, mmse_skip_init
 from diffmic.models.diffmic import DiffMIC
@@ -17,8 +18,13 @@ def build_model(
     in_chans: int,
     image_size: int,
     class_names: list[str] | None = None,
+    image_spec: ImageSpec | None = None,
 ) -> DiffMIC:
-    """Build a :class:`DiffMIC` from a resolved config and the data's shape."""
+    """Build a :class:`DiffMIC` from a resolved config and the data's shape.
+
+    ``image_spec`` (a checkpoint's) defaults to the one the data readers use: ``image_size``,
+    ``in_chans``, ``data.mean``/``data.std``, centre crop decided by ``data.format``.
+    """
     m, d = cfg.model, cfg.diffusion
     small = m.small_input if m.small_input is not None else small_input_default(image_size)
     guidance = DCG(
@@ -65,6 +71,9 @@ def build_model(
         eta=d.eta,
         temperature=cfg.eval.temperature,
         share_encoder=m.share_encoder,
+        image_spec=image_spec or ImageSpec.for_format(
+            cfg.data.format, size=image_size, channels=in_chans, mean=cfg.data.mean, std=cfg.data.std
+        ),
     )
     model.config = cfg.to_dict()
     return model
