@@ -7,15 +7,24 @@ truncated file that looks complete; the temporary file is removed when the write
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import IO, Any
 
 PARTIAL_SUFFIX = ".partial"
 
 
-def check_output_file(path: Path, error: type[Exception]) -> None:
-    """Raise ``error`` (one line) unless ``path`` can be written as a file: not a folder, parent exists and is writable."""
+def check_output_file(path: Path, error: type[Exception], inputs: Iterable[str | Path] = ()) -> None:
+    """Raise ``error`` (one line) unless ``path`` can be written as a file.
+
+    It must not be a folder or one of ``inputs`` (the files the command reads: images, checkpoint,
+    data; the same file under another name or link counts), and its parent must exist and be writable.
+    """
+    if path.exists():
+        for inp in inputs:
+            if Path(inp).exists() and os.path.samefile(path, inp):
+                raise error(f"output file {path} is an input of this command ({inp}); "
+                            "refusing to overwrite it, choose another output name")
     if path.is_dir():
         raise error(f"output path is a folder, expected a file name: {path}")
     parent = path.parent if str(path.parent) else Path(".")

@@ -90,9 +90,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="fit a temperature on the val split and add an 'uncertainty' section: ECE before/after "
                         "temperature scaling, AURC, accuracy at 100/90/80/70/50%% coverage")
 
-    pr = add("predict", "Predict class probabilities for image files (PNG/JPEG/...).")
+    pr = add("predict", "Predict class probabilities for image files (PNG/JPEG/...) or folders of them.")
     pr.add_argument("--checkpoint", required=True, type=Path, help="model.pt or a Lightning .ckpt")
-    pr.add_argument("images", nargs="+", type=Path, help="image files")
+    pr.add_argument("images", nargs="+", type=Path, metavar="IMAGE|DIR",
+                    help="image files, or folders: their images, sorted by path (other files are listed, not used)")
+    pr.add_argument("--recursive", action="store_true", help="also take the images in sub-folders of a folder")
     pr.add_argument("--samples", type=int, default=1, help="reverse chains per image")
     pr.add_argument("--seed", type=int, default=0)
     pr.add_argument("--out", type=Path, help="write a CSV here (default: stdout)")
@@ -100,7 +102,9 @@ def _parser() -> argparse.ArgumentParser:
     x = add("explain", "Save a figure per image: ROI crops with attention weights, the predicted class's "
                        "saliency map, and DCG prior vs diffusion probabilities.")
     x.add_argument("--checkpoint", required=True, type=Path, help="model.pt or a Lightning .ckpt")
-    x.add_argument("images", nargs="+", type=Path, help="image files")
+    x.add_argument("images", nargs="+", type=Path, metavar="IMAGE|DIR",
+                   help="image files, or folders: their images, sorted by path (other files are listed, not used)")
+    x.add_argument("--recursive", action="store_true", help="also take the images in sub-folders of a folder")
     x.add_argument("--out", required=True, type=Path, metavar="DIR",
                    help="output folder for <stem>_explain.png (created if its parent exists)")
     x.add_argument("--samples", type=int, default=1, help="reverse chains per image")
@@ -190,7 +194,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
     _check_samples(args)
     if args.out:
-        _check_writable(args.out)
+        _check_writable(args.out, [args.checkpoint, *([args.data] if args.data else [])])
     if args.plots:
         _prepare_out_dir(args.plots)
     model = DiffMIC.from_checkpoint(args.checkpoint)
@@ -240,7 +244,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     if args.plots:
         _write_eval_plots(args.plots, report, probs, priors, labels, model.class_names)
     if args.out:
-        _check_writable(args.out)
+        _check_writable(args.out, [args.checkpoint, data_cfg.path])
         report.to_json(args.out)
         _print_table(report.guidance, report.diffusion, args.split)
         if report.uncertainty is not None:
@@ -274,17 +278,37 @@ def _write_eval_plots(folder: Path, report, probs, priors, labels, class_names) 
     print(f"figures written to {folder}: {', '.join(figures)}")
 
 
-def _read_image_file(path: Path):
-    from PIL import Image, UnidentifiedImageError
+def _expand_images(items: list[Path], recursive: bool) -> list[Path]:
+    """Image arguments with each folder replaced by its images (sorted); the folder's count and the
+    entries left out go to stderr, so a CSV on stdout stays clean."""
+    from diffmic.images import IMAGE_EXTENSIONS, list_image_files
 
-    if not path.is_file():
-        raise DataError(f"image not found: {path}")
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return im.copy()
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise DataError(f"{path}: not a readable image ({type(exc).__name__})") from None
+    out: list[Path] = []
+    for item in items:
+        if not item.is_dir():
+            out.append(item)
+            continue
+        found, others = list_image_files(item, recursive=recursive)
+        subfolders = [p for p in others if p.is_dir()]
+        if not found:
+            hint = "; use --recursive to search its sub-folders" if subfolders else ""
+            raise DataError(f"{item}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in this folder{hint}")
+        note = f"diffmic: {item}: {len(found)} image(s)"
+        if others:
+            names = ", ".join(p.name + ("/" if p.is_dir() else "") for p in others[:5])
+            more = f", ... ({len(others) - 5} more)" if len(others) > 5 else ""
+            why = " (sub-folders need --recursive)" if subfolders else ""
+            note += f"; not used: {len(others)} other entr{'y' if len(others) == 1 else 'ies'}{why}: {names}{more}"
+        print(note, file=sys.stderr)
+        out += found
+    return out
+
+
+def _load_images(paths: list[Path], spec) -> list:
+    """Each file as the uint8 array a dataset reader stores (:func:`diffmic.images.load_image`)."""
+    from diffmic.images import load_image
+
+    return [load_image(p, spec) for p in paths]
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
@@ -294,14 +318,15 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
     if args.samples < 1:
         raise ConfigError(f"--samples must be >= 1, got {args.samples}")
-    model = DiffMIC.from_checkpoint(args.checkpoint)
+    paths = _expand_images(args.images, args.recursive)
     if args.out:
-        _check_writable(args.out)
-    images = [_read_image_file(p) for p in args.images]
+        _check_writable(args.out, [*paths, args.checkpoint])
+    model = DiffMIC.from_checkpoint(args.checkpoint)
+    images = _load_images(paths, model.image_spec)  # exactly the reader's uint8 arrays
     gen = torch.Generator().manual_seed(args.seed)
     # Nothing is written before every image has been predicted; a bad image names its file.
     details = [_named(path, model.predict_details, im, samples=args.samples, generator=gen)
-               for path, im in zip(args.images, images, strict=True)]
+               for path, im in zip(paths, images, strict=True)]
     cols = {k: torch.cat([d[k] for d in details]).tolist()
             for k in ("probs", "entropy", "votes", "interval_low", "interval_high")}
     names = model.class_names
@@ -309,7 +334,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     w = csv.writer(buf)
     w.writerow(["path", "prediction", *[f"p_{c}" for c in names], "entropy", *[f"vote_{c}" for c in names],
                 *[f"low_{c}" for c in names], *[f"high_{c}" for c in names]])
-    for i, path in enumerate(args.images):
+    for i, path in enumerate(paths):
         p = cols["probs"][i]
         w.writerow([
             str(path), names[max(range(len(p)), key=p.__getitem__)], *[f"{v:.6f}" for v in p],
@@ -360,32 +385,30 @@ def _cmd_explain(args: argparse.Namespace) -> int:
 
     if args.samples < 1:
         raise ConfigError(f"--samples must be >= 1, got {args.samples}")
+    paths = _expand_images(args.images, args.recursive)
+    targets = [args.out / f"{path.stem}_explain.png" for path in paths]
+    seen: dict[Path, Path] = {}
+    for path, target in zip(paths, targets, strict=True):
+        if target in seen and seen[target] != path:
+            raise ConfigError(f"{seen[target]} and {path} would both be explained in {target}; "
+                              "give images with distinct file names")
+        seen[target] = path
     _prepare_out_dir(args.out)
+    for target in targets:
+        _check_writable(target, [*paths, args.checkpoint])
     model = DiffMIC.from_checkpoint(args.checkpoint)
-    images = [_read_image_file(p) for p in args.images]  # fail on a bad file before writing anything
+    images = _load_images(paths, model.image_spec)  # fail on a bad file before writing anything
     from diffmic.evaluation.plots import plot_explanation
 
     gen = torch.Generator().manual_seed(args.seed)
-    for path, im in zip(args.images, images, strict=True):
+    for path, im, target in zip(paths, images, targets, strict=True):
         explanation = _named(path, model.explain, im, samples=args.samples, generator=gen)
-        fig = plot_explanation(_display_array(im), explanation, model.class_names)
-        target = args.out / f"{path.stem}_explain.png"
+        # drawn as the model saw it (cropped, resized): the boxes and saliency are in those pixels
+        fig = plot_explanation(im, explanation, model.class_names)
         atomic_write(target, lambda f, fig=fig: fig.savefig(f, format="png"))
         print(f"{target}")
     print(f"{len(images)} explanations written to {args.out}")
     return 0
-
-
-def _display_array(im):
-    """PIL image -> uint8 array (H, W) or (H, W, 3) for plotting."""
-    import numpy as np
-
-    if im.mode.startswith(("I", "F")):  # 16/32-bit grey: scale by the maximum
-        arr = np.asarray(im).astype(np.float64)
-        return (255 * np.clip(arr, 0, None) / max(1.0, float(arr.max()))).astype(np.uint8)
-    if im.mode not in ("L", "RGB"):
-        im = im.convert("RGB")
-    return np.asarray(im)
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
@@ -398,8 +421,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
         raise CheckpointError(f"{args.run_dir / 'model.pt'} not found: {args.run_dir} is not a finished "
                               "diffmic run folder")
-    if args.out:
-        _check_writable(args.out)
+    if args.out:  # the run folder's files (model, config, metrics, split, logs) are its inputs
+        _check_writable(args.out, [p for p in args.run_dir.rglob("*") if p.is_file() and p.suffix != ".html"])
     from diffmic.evaluation.html_report import write_report
 
     path = write_report(args.run_dir, args.out, samples=args.samples, seed=args.seed)
@@ -418,7 +441,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     for flag, value in (("--samples", args.samples), ("--steps", args.steps), ("--batch-size", args.batch_size)):
         if value is not None and value < 1:
             raise ConfigError(f"{flag} must be >= 1, got {value}")
-    _check_writable(args.out)  # before the (slow) checkpoint load and export
+    _check_writable(args.out, [args.checkpoint])  # before the (slow) checkpoint load and export
     from diffmic.export import export_onnx
     from diffmic.models.diffmic import DiffMIC
 
@@ -433,8 +456,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_writable(path: Path) -> None:
-    check_output_file(path, ConfigError)
+def _check_writable(path: Path, inputs: Sequence[str | Path] = ()) -> None:
+    """One-line ConfigError unless ``path`` can be written and is none of the command's ``inputs``."""
+    check_output_file(path, ConfigError, inputs)
 
 
 COMMANDS = {
