@@ -161,6 +161,7 @@ def test_metadata_and_signature(retina):
     assert json.loads(meta["diffmic.class_names"]) == model.class_names
     assert meta["diffmic.samples"] == str(SAMPLES) and meta["diffmic.num_steps"] == str(STEPS)
     assert meta["diffmic.sampler"] == "ddim" and meta["diffmic.batch_size"] == "dynamic"
+    assert json.loads(meta["diffmic.image_spec"]) == model.image_spec.to_dict()
 
     def dims(v):
         return [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]

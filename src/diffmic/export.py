@@ -117,6 +117,7 @@ def _metadata(model: DiffMIC, samples: int, num_steps: int, batch_size: int | No
         "diffmic.input_range": "float32 [0, 1] (uint8 / 255), NCHW; normalisation is in the graph",
         "diffmic.mean": json.dumps(model.mean.flatten().tolist()),
         "diffmic.std": json.dumps(model.std.flatten().tolist()),
+        "diffmic.image_spec": model.image_spec.to_json(),
         "diffmic.samples": str(samples),
         "diffmic.sampler": "ddim",
         "diffmic.num_steps": str(num_steps),
