@@ -23,7 +23,8 @@ def check_output_file(path: Path, error: type[Exception], inputs: Iterable[str |
     if path.exists():
         for inp in inputs:
             if Path(inp).exists() and os.path.samefile(path, inp):
-                raise error(f"output file {path} is an input of this command ({inp}); "
+                alias = f" ({inp})" if Path(inp) != path else ""
+                raise error(f"output file {path} is an input of this command{alias}; "
                             "refusing to overwrite it, choose another output name")
     if path.is_dir():
         raise error(f"output path is a folder, expected a file name: {path}")

@@ -278,12 +278,14 @@ def _write_eval_plots(folder: Path, report, probs, priors, labels, class_names) 
     print(f"figures written to {folder}: {', '.join(figures)}")
 
 
-def _expand_images(items: list[Path], recursive: bool) -> list[Path]:
-    """Image arguments with each folder replaced by its images (sorted); the folder's count and the
-    entries left out go to stderr, so a CSV on stdout stays clean."""
+def _expand_images(items: list[Path], recursive: bool) -> tuple[list[Path], list[str]]:
+    """Image arguments with each folder replaced by its images (sorted), and one note per folder:
+    its image count and the entries left out (printed to stderr once the images are read, so a
+    CSV on stdout stays clean and an error stays one line)."""
     from diffmic.images import IMAGE_EXTENSIONS, list_image_files
 
     out: list[Path] = []
+    notes: list[str] = []
     for item in items:
         if not item.is_dir():
             out.append(item)
@@ -299,9 +301,9 @@ def _expand_images(items: list[Path], recursive: bool) -> list[Path]:
             more = f", ... ({len(others) - 5} more)" if len(others) > 5 else ""
             why = " (sub-folders need --recursive)" if subfolders else ""
             note += f"; not used: {len(others)} other entr{'y' if len(others) == 1 else 'ies'}{why}: {names}{more}"
-        print(note, file=sys.stderr)
+        notes.append(note)
         out += found
-    return out
+    return out, notes
 
 
 def _load_images(paths: list[Path], spec) -> list:
@@ -318,11 +320,13 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
     if args.samples < 1:
         raise ConfigError(f"--samples must be >= 1, got {args.samples}")
-    paths = _expand_images(args.images, args.recursive)
+    paths, notes = _expand_images(args.images, args.recursive)
     if args.out:
         _check_writable(args.out, [*paths, args.checkpoint])
     model = DiffMIC.from_checkpoint(args.checkpoint)
     images = _load_images(paths, model.image_spec)  # exactly the reader's uint8 arrays
+    for note in notes:
+        print(note, file=sys.stderr)
     gen = torch.Generator().manual_seed(args.seed)
     # Nothing is written before every image has been predicted; a bad image names its file.
     details = [_named(path, model.predict_details, im, samples=args.samples, generator=gen)
@@ -385,7 +389,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
 
     if args.samples < 1:
         raise ConfigError(f"--samples must be >= 1, got {args.samples}")
-    paths = _expand_images(args.images, args.recursive)
+    paths, notes = _expand_images(args.images, args.recursive)
     targets = [args.out / f"{path.stem}_explain.png" for path in paths]
     seen: dict[Path, Path] = {}
     for path, target in zip(paths, targets, strict=True):
@@ -398,6 +402,8 @@ def _cmd_explain(args: argparse.Namespace) -> int:
         _check_writable(target, [*paths, args.checkpoint])
     model = DiffMIC.from_checkpoint(args.checkpoint)
     images = _load_images(paths, model.image_spec)  # fail on a bad file before writing anything
+    for note in notes:
+        print(note, file=sys.stderr)
     from diffmic.evaluation.plots import plot_explanation
 
     gen = torch.Generator().manual_seed(args.seed)

@@ -1,4 +1,5 @@
-"""Table of bad inputs across every command: exit non-zero, one line naming the problem, no partial output.
+"""Table of bad inputs across every command: exit non-zero, one line naming the problem, no partial output,
+no file of the case changed (no command writes over its own inputs).
 
 (tests/cli/test_cli.py holds the first table: data files, config files and keys, checkpoints.)
 """
@@ -6,6 +7,7 @@
 from __future__ import annotations
 
 import inspect
+import shutil
 
 import numpy as np
 import pytest
@@ -267,6 +269,85 @@ def c_export_corrupt_checkpoint(t, e):
     return ["export", "--checkpoint", p, "--out", t / "m.onnx"], "bad.pt", [t / "m.onnx"]
 
 
+def _copy(src, dst):
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src, dst)
+    return dst
+
+
+def c_predict_out_overwrites_image(t, e):
+    img = _copy(e["png"], t / "a.png")
+    return ["predict", "--checkpoint", e["ckpt"], img, "--out", img], "is an input", []
+
+
+def c_predict_out_overwrites_image_of_folder(t, e):
+    _copy(e["png"], t / "imgs" / "a.png")
+    return ["predict", "--checkpoint", e["ckpt"], t / "imgs", "--out", t / "imgs" / "a.png"], "is an input", []
+
+
+def c_predict_out_overwrites_checkpoint(t, e):
+    ckpt = _copy(e["ckpt"], t / "m.pt")
+    return ["predict", "--checkpoint", ckpt, e["png"], "--out", ckpt], "is an input", []
+
+
+def c_explain_figure_overwrites_input(t, e):
+    a, fig = _copy(e["png"], t / "a.png"), _copy(e["png"], t / "figs" / "a_explain.png")
+    return ["explain", "--checkpoint", e["ckpt"], a, fig, "--out", t / "figs"], "is an input", []
+
+
+def c_explain_two_images_one_figure(t, e):
+    a, b = _copy(e["png"], t / "d1" / "x.png"), _copy(e["png"], t / "d2" / "x.png")
+    return ["explain", "--checkpoint", e["ckpt"], a, b, "--out", t / "figs"], "x_explain.png", [t / "figs"]
+
+
+def c_evaluate_out_overwrites_checkpoint(t, e):
+    ckpt = _copy(e["ckpt"], t / "m.pt")
+    return ["evaluate", "--checkpoint", ckpt, "--out", ckpt], "is an input", []
+
+
+def c_evaluate_out_overwrites_data(t, e):
+    data = _copy(e["data"], t / "d.npz")
+    return ["evaluate", "--checkpoint", e["ckpt"], "--data", data, "--out", data], "is an input", []
+
+
+def c_export_out_overwrites_checkpoint(t, e):
+    ckpt = _copy(e["ckpt"], t / "m.pt")
+    return ["export", "--checkpoint", ckpt, "--out", ckpt], "is an input", []
+
+
+def c_report_out_overwrites_model(t, e):
+    run = _run_dir(t, finished=True)
+    _copy(e["ckpt"], run / "model.pt")
+    return ["report", run, "--out", run / "model.pt"], "is an input", []
+
+
+def c_report_out_overwrites_config(t, e):
+    run = _run_dir(t, finished=True)
+    _copy(e["ckpt"], run / "model.pt")
+    return ["report", run, "--out", run / "config.yaml"], "is an input", []
+
+
+def c_predict_empty_folder(t, e):
+    (t / "empty").mkdir()
+    return ["predict", "--checkpoint", e["ckpt"], t / "empty", "--out", t / "p.csv"], "no image files", [t / "p.csv"]
+
+
+def c_predict_folder_without_images(t, e):
+    (t / "docs").mkdir()
+    (t / "docs" / "notes.txt").write_text("not an image")
+    return ["predict", "--checkpoint", e["ckpt"], t / "docs"], "no image files", []
+
+
+def c_predict_folder_of_subfolders_needs_recursive(t, e):
+    _copy(e["png"], t / "top" / "sub" / "a.png")
+    return ["predict", "--checkpoint", e["ckpt"], t / "top", "--out", t / "p.csv"], "--recursive", [t / "p.csv"]
+
+
+def c_explain_empty_folder(t, e):
+    (t / "empty").mkdir()
+    return ["explain", "--checkpoint", e["ckpt"], t / "empty", "--out", t / "figs"], "no image files", [t / "figs"]
+
+
 CASES = [v for k, v in sorted(globals().items()) if k.startswith("c_")]
 
 
@@ -282,6 +363,7 @@ def test_table_is_large_and_covers_every_command():
 @pytest.mark.parametrize("case", CASES, ids=[c.__name__[2:] for c in CASES])
 def test_bad_input(case, env, tmp_path, capsys):
     argv, expected, absent = case(tmp_path, env)
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     code = main([str(a) for a in argv])
     out, err = capsys.readouterr()
     assert code != 0, out
@@ -294,6 +376,8 @@ def test_bad_input(case, env, tmp_path, capsys):
         assert not p.exists(), f"{p} left behind"
     leftovers = [p.name for p in tmp_path.rglob("*") if p.name.endswith((".tmp", ".partial"))]
     assert not leftovers, leftovers
+    changed = [p.name for p, data in before.items() if not p.is_file() or p.read_bytes() != data]
+    assert not changed, f"{changed} changed"
 
 
 def test_disk_full_while_writing_predictions(env, tmp_path, capsys, monkeypatch):
@@ -325,3 +409,28 @@ def test_disk_full_while_writing_predictions(env, tmp_path, capsys, monkeypatch)
     err = capsys.readouterr().err
     assert code == 1 and err.count("\n") == 1 and "No space left on device" in err, err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_predict_folder_sorted_with_count_and_skipped_files(env, tmp_path, capsys):
+    """``diffmic predict DIR``: its images in sorted order, the count and the unused entries on stderr."""
+    folder = tmp_path / "scans"
+    for name in ("b.png", "a.png", "c.PNG"):
+        _copy(env["png"], folder / name)
+    (folder / "notes.txt").write_text("x")
+    _copy(env["png"], folder / "more" / "d.png")
+    out = tmp_path / "p.csv"
+    code = main(["predict", "--checkpoint", str(env["ckpt"]), str(folder), "--out", str(out)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert f"{folder}: 3 image(s)" in captured.err
+    assert "notes.txt" in captured.err and "more/" in captured.err and "--recursive" in captured.err
+    rows = out.read_text().splitlines()[1:]
+    assert [r.split(",")[0] for r in rows] == [str(folder / n) for n in ("a.png", "b.png", "c.PNG")]
+    assert "3 predictions written" in captured.out
+
+    code = main(["predict", "--checkpoint", str(env["ckpt"]), str(folder), "--recursive"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    paths = [r.split(",")[0] for r in captured.out.splitlines()[1:]]  # CSV on stdout, notes on stderr
+    assert paths == [str(folder / n) for n in ("a.png", "b.png", "c.PNG", "more/d.png")]
+    assert f"{folder}: 4 image(s)" in captured.err and "notes.txt" in captured.err
