@@ -126,3 +126,25 @@ def test_output_check_refuses_an_input_under_any_name(tmp_path):
             check_output_file(Path(out), ConfigError, [src])
     check_output_file(tmp_path / "new.csv", ConfigError, [src])  # a new file is fine
     check_output_file(src, ConfigError, [tmp_path / "other.png"])  # not an input: overwriting is allowed
+
+
+def test_images_module_sits_below_data_and_models():
+    """diffmic.images may import only diffmic.errors and diffmic._io; data and models import it."""
+    import ast
+
+    import diffmic.images
+
+    def package_imports(module) -> set[str]:
+        tree = ast.parse(Path(module.__file__).read_text())
+        names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        names |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        return {m for m in names if m.split(".")[0] == "diffmic"}
+
+    assert package_imports(diffmic.images) <= {"diffmic.errors", "diffmic._io"}
+    assert "diffmic.errors" in package_imports(diffmic.images)  # the probe sees imports at all
+    import diffmic.data.files
+    import diffmic.data.medmnist
+    import diffmic.models.diffmic
+
+    for user in (diffmic.data.files, diffmic.data.medmnist, diffmic.models.diffmic):
+        assert "diffmic.images" in package_imports(user), user.__name__
