@@ -66,6 +66,10 @@ class ModelConfig:
     feature_dim: int = 6144  # denoiser hidden width
     share_encoder: bool = False  # denoiser reuses the DCG global features (no own encoder)
     denoiser_skip: bool = False  # learnable ε̂ += c(t)(y_t − ŷ), MMSE-initialised (not in the original)
+    denoiser_dropout: float = 0.0  # dropout on the denoiser's hidden layers (training only)
+    # Saliency map the ROI crops are chosen on: class_sum (GMIC: sum of min-max normalised class
+    # maps) | top_class (the map of the prior's top class) | prior_weighted (maps weighted by the prior)
+    roi_saliency: str = "class_sum"
 
 
 @dataclass
@@ -94,6 +98,14 @@ class TrainConfig:
     grad_clip: float = 1.0
     dcg_lr: float = 2e-4
     dcg_weight_decay: float = 0.0
+    # DCG pre-training schedule: constant (the original) | warmup_cosine (per iteration, as the
+    # plain classifier: linear warm-up over dcg_warmup_epochs, cosine to 0 at the end of pre-training)
+    dcg_schedule: str = "constant"
+    dcg_warmup_epochs: float = 1.0
+    dcg_joint_lr: float | None = None  # DCG learning rate in the joint phase (None: dcg_lr)
+    # Cross-fitted priors: >= 2 trains k fold DCGs (each on the other folds' images, for
+    # dcg_pretrain_epochs) and feeds the denoiser out-of-fold priors; 0 = in-sample priors.
+    crossfit_folds: int = 0
     joint_train: bool = True  # one DCG cross-entropy step after every diffusion step
     aux_loss: str = "fused"  # fused (original) | all (fused + global + local CE)
     mmd_weight: float = 0.5
@@ -117,7 +129,9 @@ class EvalConfig:
     """Inference options."""
 
     samples: int = 1  # reverse chains per image (features computed once)
-    temperature: float = 0.1  # probabilities = mean_s softmax(y0_s / temperature)
+    readout: str = "mean_softmax"  # mean_path | vote | mean_softmax (diffmic.diffusion.readout)
+    temperature: float = 0.1  # softmax temperature on y0 (see the readout)
+    fit_temperature: bool = False  # mean_path: replace the temperature by one fitted on val after training
     seed: int = 0
 
 
@@ -190,6 +204,15 @@ class DiffMICConfig:
         _choice("diffusion.sampler", df.sampler, ("ddim", "ancestral", "truncated"))
         _choice("train.aux_loss", t.aux_loss, ("fused", "all"))
         _choice("train.select_metric", t.select_metric, ("acc", "f1", "qwk", "auroc"))
+        _choice("train.dcg_schedule", t.dcg_schedule, ("constant", "warmup_cosine"))
+        _choice("eval.readout", e.readout, ("mean_path", "vote", "mean_softmax"))
+        _choice("model.roi_saliency", m.roi_saliency, ("class_sum", "top_class", "prior_weighted"))
+        if not 0.0 <= m.denoiser_dropout < 1.0:
+            raise ConfigError(f"model.denoiser_dropout must be in [0, 1), got {m.denoiser_dropout}")
+        if t.crossfit_folds == 1 or t.crossfit_folds < 0:
+            raise ConfigError(f"train.crossfit_folds must be 0 (off) or >= 2, got {t.crossfit_folds}")
+        if t.crossfit_folds and t.dcg_pretrain_epochs == 0:
+            raise ConfigError("train.crossfit_folds needs train.dcg_pretrain_epochs > 0 (the fold DCGs' budget)")
         _positive("data.batch_size", d.batch_size)
         _positive("data.eval_batch_size", d.eval_batch_size)
         _positive("diffusion.timesteps", df.timesteps)

@@ -28,7 +28,8 @@ from torch import Tensor, nn
 from diffmic._io import check_output_file
 from diffmic.diffusion.sampling import ddim_timesteps, sample_ddim
 from diffmic.errors import ConfigError, DiffMICError, ExportError
-from diffmic.models.diffmic import DiffMIC, probs_from_y0
+from diffmic.diffusion.readout import mean_softmax_probs, vote_probs
+from diffmic.models.diffmic import DiffMIC
 
 INSTALL_HINT = "pip install 'diffmic[export]'"
 INPUT_NAMES = ("images", "noise")
@@ -51,7 +52,9 @@ class DiffMICInference(nn.Module):
         noise: float (S, B, C) standard normal starting noise, chain s of image i at ``[s, i]``.
 
     Outputs:
-        probs (B, C): mean over the S chains of softmax(y_0 / temperature);
+        probs (B, C): the checkpoint's readout: mean over the S chains of softmax(y_0 / temperature)
+            (``mean_softmax``; also ``mean_path`` when ``noise`` is zeros with S = 1, the
+            deterministic path), or the majority vote (``vote``);
         prior (B, C): the DCG prior softmax(½(g + l)); y0 (S, B, C): the sampled y_0.
 
     With the checkpoint's DDIM sampler at η = 0, ``model(model.normalize(images), samples=S,
@@ -82,7 +85,10 @@ class DiffMICInference(nn.Module):
         y0 = sample_ddim(m.schedule, denoise_fn, prior_s, self.num_steps, eta=0.0,
                          noise=noise.reshape(s * b, c))
         y0 = y0.reshape(s, b, c)
-        return probs_from_y0(y0, m.temperature), prior, y0
+        # vote: majority over the S chains; mean_path (noise = zeros, S = 1) and mean_softmax:
+        # mean over the chains of softmax(y_0 / T), which for the mean path is softmax(y_0 / T).
+        read = vote_probs if m.readout == "vote" else mean_softmax_probs
+        return read(y0, m.temperature), prior, y0
 
 
 def _require(*modules: str) -> None:
@@ -122,6 +128,7 @@ def _metadata(model: DiffMIC, samples: int, num_steps: int, batch_size: int | No
         "diffmic.num_steps": str(num_steps),
         "diffmic.eta": "0",
         "diffmic.temperature": repr(float(model.temperature)),
+        "diffmic.readout": model.readout,
         "diffmic.batch_size": "dynamic" if batch_size is None else str(batch_size),
     }
 

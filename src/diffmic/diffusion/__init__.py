@@ -1,4 +1,4 @@
-"""Pure label-space diffusion math: schedules, samplers and losses (imports torch only)."""
+"""Pure label-space diffusion math: schedules, samplers, readouts and losses (imports torch only)."""
 
 from __future__ import annotations
 
@@ -9,12 +9,15 @@ from diffmic.diffusion.sampling import (
     sample,
     sample_ancestral,
     sample_ddim,
+    sample_mean_path,
     sample_truncated,
 )
+from diffmic.diffusion.readout import READOUTS, readout_probs
 from diffmic.diffusion.schedule import BETA_SCHEDULES, CardSchedule, make_betas
 
 __all__ = [
     "BETA_SCHEDULES",
+    "READOUTS",
     "CardSchedule",
     "DenoiseFn",
     "antithetic_timesteps",
@@ -23,8 +26,10 @@ __all__ = [
     "eps_mse",
     "gaussian_mmd",
     "make_betas",
+    "readout_probs",
     "sample",
     "sample_ancestral",
     "sample_ddim",
+    "sample_mean_path",
     "sample_truncated",
 ]

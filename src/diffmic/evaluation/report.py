@@ -12,6 +12,7 @@ from torch import Tensor
 
 from diffmic._io import atomic_write_text
 from diffmic.data.base import ImageArray
+from diffmic.diffusion.readout import READOUTS, readout_probs
 from diffmic.evaluation.calibration import DEFAULT_COVERAGES, uncertainty_summary
 from diffmic.evaluation.metrics import classification_metrics, confusion_matrix, per_class_table
 from diffmic.models.diffmic import DiffMIC
@@ -37,11 +38,13 @@ class EvalReport:
     guidance_confusion_matrix: list[list[int]]
     settings: dict[str, Any] = field(default_factory=dict)
     uncertainty: dict[str, Any] | None = None
+    readouts: dict[str, dict[str, float]] | None = None  # metrics of every readout, side by side
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        if d["uncertainty"] is None:  # the JSON of an uncalibrated report is unchanged
-            del d["uncertainty"]
+        for key in ("uncertainty", "readouts"):
+            if d[key] is None:  # left out when not requested
+                del d[key]
         return d
 
     def to_json(self, path: str | Path | None = None) -> str:
@@ -53,6 +56,43 @@ class EvalReport:
 
 
 @torch.no_grad()
+def predict_readouts(
+    model: DiffMIC,
+    data: ImageArray,
+    *,
+    readouts: tuple[str, ...] = READOUTS,
+    batch_size: int = 256,
+    samples: int = 1,
+    seed: int = 0,
+    sampler: str | None = None,
+    num_steps: int | None = None,
+) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+    """Run the model over a split: ({readout: diffusion probs}, prior probs, labels), all (N, ...).
+
+    Features, the ``samples`` chains and the mean path are computed once per batch and shared by
+    the readouts (the chains only when a readout other than ``mean_path`` is asked for).
+    """
+    model.eval()
+    device = model.mean.device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    images = torch.from_numpy(data.images).permute(0, 3, 1, 2)
+    probs: dict[str, list[Tensor]] = {r: [] for r in readouts}
+    priors = []
+    for chunk in images.split(batch_size):
+        x = model.normalize(chunk.to(device).float() / 255.0)
+        guide = model.guidance(x)
+        prior = guide.logits.softmax(dim=1)
+        feats = model.encode(x, guide)
+        chains, path = model.run_chains(
+            feats, prior, samples=samples, path="mean_path" in readouts,
+            chains=any(r != "mean_path" for r in readouts), generator=gen, sampler=sampler, num_steps=num_steps,
+        )
+        for r in readouts:
+            probs[r].append(readout_probs(r, temperature=model.temperature, chains=chains, path=path).cpu())
+        priors.append(prior.cpu())
+    return {r: torch.cat(p) for r, p in probs.items()}, torch.cat(priors), torch.from_numpy(data.labels).long()
+
+
 def predict_split(
     model: DiffMIC,
     data: ImageArray,
@@ -63,18 +103,12 @@ def predict_split(
     sampler: str | None = None,
     num_steps: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Run the model over a split: returns (diffusion probs, prior probs, labels), all (N, ...)."""
-    model.eval()
-    device = model.mean.device
-    gen = torch.Generator(device=device).manual_seed(seed)
-    images = torch.from_numpy(data.images).permute(0, 3, 1, 2)
-    probs, priors = [], []
-    for chunk in images.split(batch_size):
-        x = model.normalize(chunk.to(device).float() / 255.0)
-        out = model(x, samples=samples, generator=gen, sampler=sampler, num_steps=num_steps)
-        probs.append(out.probs.cpu())
-        priors.append(out.prior.cpu())
-    return torch.cat(probs), torch.cat(priors), torch.from_numpy(data.labels).long()
+    """Run the model over a split: (probs of the model's readout, prior probs, labels), all (N, ...)."""
+    probs, priors, labels = predict_readouts(
+        model, data, readouts=(model.readout,), batch_size=batch_size, samples=samples, seed=seed,
+        sampler=sampler, num_steps=num_steps,
+    )
+    return probs[model.readout], priors, labels
 
 
 def build_report(
@@ -88,6 +122,7 @@ def build_report(
     calibration: tuple[Tensor, Tensor] | None = None,
     calibrated_on: str = "val",
     coverages: tuple[float, ...] = DEFAULT_COVERAGES,
+    readouts: dict[str, Tensor] | None = None,
 ) -> EvalReport:
     """An :class:`EvalReport` from predictions already made (see :func:`predict_split`).
 
@@ -100,6 +135,7 @@ def build_report(
             validation split), or None for no ``uncertainty`` section.
         calibrated_on: name of that split, recorded in the report.
         coverages: coverages at which the selective accuracy is reported.
+        readouts: probabilities of several readouts ({name: (N, C)}), reported side by side.
     """
     c = len(class_names)
     uncertainty = None
@@ -120,6 +156,7 @@ def build_report(
         guidance_confusion_matrix=confusion_matrix(priors, labels, c),
         settings=dict(settings or {}),
         uncertainty=uncertainty,
+        readouts=None if readouts is None else {r: classification_metrics(p, labels, c) for r, p in readouts.items()},
     )
 
 
@@ -135,6 +172,7 @@ def evaluate(
     num_steps: int | None = None,
     calibrate_on: ImageArray | tuple[Tensor, Tensor] | None = None,
     calibration_split: str = "val",
+    compare_readouts: bool = True,
 ) -> EvalReport:
     """Dataset-level metrics for the DCG prior and the diffusion output on ``data``.
 
@@ -142,10 +180,15 @@ def evaluate(
     settings, or its ``(diffusion probs, labels)``). When given, the report gets an
     ``uncertainty`` section: ECE / NLL before and after temperature scaling with T fitted on
     ``calibrate_on`` only, AURC and accuracy at 100/90/80/70/50 % coverage on ``data``.
+    ``compare_readouts``: also report every readout's metrics (``readouts``); the ``diffusion``
+    metrics are always those of the model's own readout.
     """
-    probs, priors, labels = predict_split(
-        model, data, batch_size=batch_size, samples=samples, seed=seed, sampler=sampler, num_steps=num_steps
+    names = READOUTS if compare_readouts else (model.readout,)
+    all_probs, priors, labels = predict_readouts(
+        model, data, readouts=names, batch_size=batch_size, samples=samples, seed=seed, sampler=sampler,
+        num_steps=num_steps,
     )
+    probs = all_probs[model.readout]
     calibration = None
     if isinstance(calibrate_on, ImageArray):
         val_probs, _, val_labels = predict_split(
@@ -164,7 +207,9 @@ def evaluate(
             "sampler": sampler or model.sampler,
             "sampling_steps": num_steps or model.sampling_steps,
             "temperature": model.temperature,
+            "readout": model.readout,
         },
         calibration=calibration,
         calibrated_on=calibration_split,
+        readouts=all_probs if compare_readouts else None,
     )

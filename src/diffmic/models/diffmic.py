@@ -1,8 +1,9 @@
 """DiffMIC: composes the DCG guidance network, the label denoiser and the diffusion schedule.
 
 Inference: the DCG gives the prior ŷ = softmax(½(g + l)); the image embedding is computed once;
-a reverse chain (DDIM on the residual by default) is run from N(ŷ, I) for ``samples`` chains per
-image in one batch; probabilities are the mean over chains of softmax(y_0 / temperature).
+``samples`` reverse chains (DDIM on the residual by default) are run from N(ŷ, I) in one batch, and
+the deterministic mean path (DDIM η = 0 from ŷ itself) when the readout needs it; a readout
+(:mod:`diffmic.diffusion.readout`) turns them into class probabilities.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diffmic._io import atomic_torch_save
-from diffmic.diffusion.sampling import sample
+from diffmic.diffusion.readout import mean_softmax_probs, readout_probs
+from diffmic.diffusion.sampling import sample, sample_mean_path
 from diffmic.diffusion.schedule import CardSchedule
 from diffmic.errors import CheckpointError, DataError
 from diffmic.models.denoiser import LabelDenoiser
@@ -31,15 +33,14 @@ CHECKPOINT_VERSION = 1
 class Prediction(NamedTuple):
     """Inference outputs for a batch."""
 
-    probs: Tensor  # diffusion class probabilities, (B, C)
-    y0: Tensor  # sampled y_0 vectors, (S, B, C)
+    probs: Tensor  # diffusion class probabilities of the readout, (B, C)
+    y0: Tensor  # sampled y_0 vectors, (S, B, C) (the mean path as S = 1 when no chain was sampled)
     prior: Tensor  # DCG fused prior softmax(½(g + l)), (B, C)
     guidance: GuidanceOutput
+    path: Tensor | None = None  # y_0 of the deterministic mean path, (B, C), when it was run
 
 
-def probs_from_y0(y0: Tensor, temperature: float) -> Tensor:
-    """(S, B, C) sampled y_0 -> (B, C) probabilities: mean over S of softmax(y_0 / temperature)."""
-    return (y0 / temperature).softmax(dim=-1).mean(dim=0)
+probs_from_y0 = mean_softmax_probs  # (S, B, C) -> (B, C): mean over S of softmax(y_0 / temperature)
 
 
 class DiffMIC(nn.Module):
@@ -59,6 +60,7 @@ class DiffMIC(nn.Module):
         eta: DDIM stochasticity.
         temperature: softmax temperature turning y_0 into probabilities.
         share_encoder: the denoiser embeds the DCG's pooled global features instead of the image.
+        readout: ``mean_path`` | ``vote`` | ``mean_softmax`` (:mod:`diffmic.diffusion.readout`).
     """
 
     def __init__(
@@ -77,6 +79,7 @@ class DiffMIC(nn.Module):
         eta: float = 0.0,
         temperature: float = 0.1,
         share_encoder: bool = False,
+        readout: str = "mean_softmax",
     ) -> None:
         super().__init__()
         self.guidance = guidance
@@ -90,6 +93,7 @@ class DiffMIC(nn.Module):
         self.eta = eta
         self.temperature = temperature
         self.share_encoder = share_encoder
+        self.readout = readout
         m = torch.tensor(mean, dtype=torch.float32).expand(in_chans).reshape(1, in_chans, 1, 1)
         s = torch.tensor(std, dtype=torch.float32).expand(in_chans).reshape(1, in_chans, 1, 1)
         self.register_buffer("mean", m.clone(), persistent=False)
@@ -141,6 +145,33 @@ class DiffMIC(nn.Module):
         )
         return y0.view(samples, b, -1)
 
+    def mean_path(self, feats: Tensor, prior: Tensor, *, num_steps: int | None = None) -> Tensor:
+        """y_0 (B, C) of the deterministic mean path (DDIM, η = 0, started at the prior)."""
+        return sample_mean_path(
+            self.schedule,
+            lambda y_t, t: self.denoiser.denoise(feats, y_t, prior, t),
+            prior,
+            num_steps or self.sampling_steps,
+        )
+
+    def run_chains(
+        self,
+        feats: Tensor,
+        prior: Tensor,
+        *,
+        samples: int = 1,
+        path: bool = False,
+        chains: bool = True,
+        generator: torch.Generator | None = None,
+        sampler: str | None = None,
+        num_steps: int | None = None,
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """(chains (S, B, C) or None, mean path (B, C) or None) from features computed once."""
+        ys = self.sample_y0(feats, prior, samples=samples, generator=generator, sampler=sampler,
+                            num_steps=num_steps) if chains else None
+        yp = self.mean_path(feats, prior, num_steps=num_steps) if path else None
+        return ys, yp
+
     def forward(
         self,
         x: Tensor,
@@ -149,15 +180,25 @@ class DiffMIC(nn.Module):
         generator: torch.Generator | None = None,
         sampler: str | None = None,
         num_steps: int | None = None,
+        readout: str | None = None,
     ) -> Prediction:
-        """Inference on normalised images (B, C_in, H, W)."""
+        """Inference on normalised images (B, C_in, H, W).
+
+        The ``mean_path`` readout runs the deterministic path and, when ``samples > 1``, also the
+        ``samples`` stochastic chains (for the uncertainty columns); the other readouts run chains.
+        """
+        readout = readout or self.readout
         guide = self.guidance(x)
         prior = guide.logits.softmax(dim=1)
         feats = self.encode(x, guide)
-        y0 = self.sample_y0(
-            feats, prior, samples=samples, generator=generator, sampler=sampler, num_steps=num_steps
+        on_path = readout == "mean_path"
+        chains, path = self.run_chains(
+            feats, prior, samples=samples, path=on_path, chains=not on_path or samples > 1,
+            generator=generator, sampler=sampler, num_steps=num_steps,
         )
-        return Prediction(probs_from_y0(y0, self.temperature), y0, prior, guide)
+        probs = readout_probs(readout, temperature=self.temperature, chains=chains, path=path)
+        y0 = chains if chains is not None else path.unsqueeze(0)  # type: ignore[union-attr]
+        return Prediction(probs, y0, prior, guide, path)
 
     # ------------------------------------------------------------------ user API
     def preprocess(self, images: Any) -> Tensor:

@@ -34,6 +34,7 @@ def build_model(
         crop_size=m.crop_size,
         top_t=m.top_t,
         mil_hidden=m.mil_hidden,
+        roi_saliency=m.roi_saliency,
     )
     if m.share_encoder:
         encoder, encoder_dim = None, guidance.feature_dim
@@ -50,6 +51,7 @@ def build_model(
         encoder=encoder,
         encoder_dim=encoder_dim,
         skip_init=skip_init,
+        dropout=m.denoiser_dropout,
     )
     model = DiffMIC(
         guidance,
@@ -65,6 +67,7 @@ def build_model(
         eta=d.eta,
         temperature=cfg.eval.temperature,
         share_encoder=m.share_encoder,
+        readout=cfg.eval.readout,
     )
     model.config = cfg.to_dict()
     return model

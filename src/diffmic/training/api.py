@@ -133,6 +133,22 @@ def resume(run_dir: str | Path, *, data: DataBundle | None = None, callbacks: li
     return train(cfg, run_dir=run_dir, data=data, callbacks=callbacks, _resume_from=last)
 
 
+def fit_path_temperature(model: DiffMIC, val: Any, *, batch_size: int = 256) -> float:
+    """Fit the mean-path readout's temperature on the validation split and set it on ``model``.
+
+    softmax(y_0 / T) with T minimising the validation NLL (accuracy does not change).
+    """
+    from diffmic.evaluation.calibration import fit_temperature
+    from diffmic.evaluation.report import predict_readouts
+
+    model.temperature = 1.0
+    probs, _, labels = predict_readouts(model, val, readouts=("mean_path",), batch_size=batch_size)
+    model.temperature = float(fit_temperature(probs["mean_path"], labels, kind="probs"))
+    # The stored config is what a loaded checkpoint is built from: it carries the fitted value.
+    model.config = {**model.config, "eval": {**model.config.get("eval", {}), "temperature": model.temperature}}
+    return model.temperature
+
+
 def train(
     cfg: DiffMICConfig,
     *,
@@ -224,10 +240,13 @@ def train(
     payload = load_checkpoint_payload(best)
     model = DiffMIC.from_payload(payload, source=best)
     selected_epoch = int(payload.get("epoch", -1))
-    model_path = run_dir / "model.pt"
-    model.save(model_path, extra={"selected_epoch": selected_epoch, "git_commit": _git_commit()})
-
     e = cfg.eval
+    fitted = fit_path_temperature(model, data.val, batch_size=cfg.data.eval_batch_size) \
+        if e.fit_temperature and model.readout == "mean_path" else None
+    model_path = run_dir / "model.pt"
+    model.save(model_path, extra={"selected_epoch": selected_epoch, "git_commit": _git_commit(),
+                                  "fitted_temperature": fitted})
+
     reports = {
         split: evaluate(model, data.split(split), split=split, batch_size=cfg.data.eval_batch_size,
                         samples=e.samples, seed=e.seed).to_dict()
@@ -238,6 +257,9 @@ def train(
         "class_names": data.class_names,
         "selected_epoch": selected_epoch,
         "select_metric": f"val/{t.select_metric}",
+        "readout": model.readout,
+        "temperature": model.temperature,
+        "temperature_fitted_on_val": fitted is not None,
         "fit_seconds": round(fit_seconds, 1),
         "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
