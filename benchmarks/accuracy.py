@@ -106,6 +106,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    "when it exists, its finished runs are kept and skipped (rerun the same command to resume)")
     p.add_argument("--docs", type=Path, default=common.DOCS, help="markdown file to update")
     p.add_argument("--no-docs", action="store_true", help="do not update the markdown file")
+    p.add_argument("--train-split", action="store_true",
+                   help="also evaluate DiffMIC rows on their training images (memorisation diagnostic)")
     p.add_argument("--section", default="accuracy", help="name of the docs section to (re)write")
     p.add_argument("--title", help="heading of the docs section")
     p.add_argument("--work-dir", type=Path, help="run folders (default: <out folder>/tmp-<out name>, kept until "
@@ -136,11 +138,13 @@ def subsample(bundle: Any, n: int | None) -> Any:
 
 
 def run_one(method: str, cfg_path: Path, overrides: list[str], budget: dict[str, Any], data: Any,
-            run_dir: Path) -> dict[str, Any]:
+            run_dir: Path, train_split: bool = False) -> dict[str, Any]:
     """Train and evaluate one row; returns its val/test metrics and timings.
 
     A DCG or DiffMIC run folder left by a stopped benchmark (``checkpoints/last.ckpt``, no
     ``metrics.json``) is continued from its last checkpoint instead of started again.
+    ``train_split``: also evaluate DiffMIC on its own training images (every readout and the prior),
+    the memorisation diagnostic: diffusion − prior on train against the same on test.
     """
     from diffmic.config import DiffMICConfig
     from diffmic.training.api import resume, train
@@ -167,6 +171,14 @@ def run_one(method: str, cfg_path: Path, overrides: list[str], budget: dict[str,
             shutil.rmtree(run_dir)
         m = train(cfg, run_dir=run_dir, data=data).metrics
     out = {"fit_seconds": m["fit_seconds"], "selected_epoch": m["selected_epoch"]}
+    if method == "diffmic" and train_split:
+        from diffmic.evaluation.report import evaluate
+        from diffmic.models import DiffMIC
+
+        model = DiffMIC.from_checkpoint(run_dir / "model.pt")
+        rep = evaluate(model, data.train, split="train", batch_size=cfg.data.eval_batch_size,
+                       samples=cfg.eval.samples, seed=cfg.eval.seed).to_dict()
+        out |= {"train": rep["diffusion"], "train_guidance": rep["guidance"], "train_readouts": rep["readouts"]}
     if method == "dcg":
         return out | {"val": m["val"]["guidance"], "test": m["test"]["guidance"]}
     return out | {"val": m["val"]["diffusion"], "test": m["test"]["diffusion"],
@@ -196,6 +208,11 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
             ds.setdefault(f"{name} (DCG head)", []).append(dict(g))
             ds.setdefault(f"{name} (diffusion − prior)", []).append(
                 {k: r["test"][k] - g[k] for k in ("acc", "auroc", "ece") if k in g and k in r["test"]})
+            if "train_guidance" in r:
+                tg = r["train_guidance"]
+                for ro, met in (r.get("train_readouts") or {}).items():
+                    ds.setdefault(f"{name} [{ro}] − prior, train", []).append(
+                        {k: met[k] - tg[k] for k in ("acc", "auroc") if k in tg and k in met})
             for ro, met in (r.get("test_readouts") or {}).items():
                 ds.setdefault(f"{name} [{ro}]", []).append(dict(met))
                 ds.setdefault(f"{name} [{ro}] − prior", []).append(
@@ -254,6 +271,18 @@ def markdown(result: dict[str, Any]) -> str:
                     a, dd = per.get(f"{row} [{ro}]", {}), per.get(f"{row} [{ro}] − prior", {})
                     cells += [common.fmt_mean_sd(a.get("acc")), common.fmt_mean_sd(a.get("auroc")),
                               common.fmt_mean_sd(dd.get("acc")), common.fmt_mean_sd(dd.get("auroc"))]
+                lines.append(f"| {ds} | {row} | " + " | ".join(cells) + " |")
+        trained = [(ds, r) for ds, per in result["summary"].items() for r in diff_rows
+                   if f"{r} [mean_path] − prior, train" in per]
+        if trained:
+            lines += ["", "Memorisation diagnostic: readout − prior ACC on the training images against the same on "
+                      "test (a readout that gains on train and loses on test learned training residuals):", "",
+                      "| dataset | row | " + " | ".join(f"{ro} train | {ro} test" for ro in READOUTS) + " |",
+                      "|---|---|" + "---|" * (2 * len(READOUTS))]
+            for ds, row in trained:
+                per = result["summary"][ds]
+                cells = [common.fmt_mean_sd(per.get(f"{row} [{ro}] − prior{sfx}", {}).get("acc"))
+                         for ro in READOUTS for sfx in (", train", "")]
                 lines.append(f"| {ds} | {row} | " + " | ".join(cells) + " |")
         lines += ["", "Rows: " + "; ".join(f"`{r}`: " + (" ".join(f"`{o}`" for o in ROWS[r][1]) or "as the config")
                                           for r in s.get("rows", METHODS) if r in ROWS) + "."]
@@ -371,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
                 tic = time.perf_counter()
                 record: dict[str, Any] = {"dataset": f.stem, "seed": seed, "method": method, "row": row}
                 try:
-                    record |= run_one(method, args.config, ov, budget, data, run_dir)
+                    record |= run_one(method, args.config, ov, budget, data, run_dir, args.train_split)
                 except Exception:  # noqa: BLE001 - keep going; the failure is recorded and makes the exit code 1
                     record["error"] = traceback.format_exc()
                     failed = True
