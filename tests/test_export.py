@@ -31,6 +31,8 @@ from diffmic.errors import ConfigError, ExportError
 from diffmic.export import DiffMICInference, _verify, export_onnx
 from diffmic.models import DiffMIC, build_model
 
+pytestmark = pytest.mark.export
+
 SAMPLES, STEPS = 3, 4
 TOL = 1e-4
 

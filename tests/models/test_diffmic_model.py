@@ -475,8 +475,24 @@ def test_missing_state_key_raises(saved, tmp_path):
         DiffMIC.from_checkpoint(p)
 
 
-def test_save_is_atomic_no_tmp_left(model3, tmp_path):
+def test_save_round_trips_extra(model3, tmp_path):
     p = tmp_path / "m.pt"
     model3.save(p, extra={"epoch": 3})
-    assert p.is_file() and not (tmp_path / "m.pt.tmp").exists()
     assert torch.load(p, weights_only=True)["extra"] == {"epoch": 3}
+    assert list(tmp_path.iterdir()) == [p]
+
+
+def test_failed_save_keeps_the_previous_checkpoint(model3, tmp_path, monkeypatch):
+    p = tmp_path / "m.pt"
+    model3.save(p, extra={"epoch": 3})
+    before = p.read_bytes()
+
+    def disk_full(obj, f, *args, **kwargs):  # half a checkpoint reaches the disk, then the write fails
+        f.write(before[: len(before) // 2])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        model3.save(p, extra={"epoch": 4})
+    assert p.read_bytes() == before  # the previous checkpoint, complete
+    assert list(tmp_path.iterdir()) == [p]  # and no temporary file left behind

@@ -18,6 +18,8 @@ from diffmic.data.medmnist import read_medmnist
 from diffmic.evaluation.metrics import classification_metrics
 from diffmic.models.diffmic import DiffMIC
 
+pytestmark = [pytest.mark.ddp, pytest.mark.train, pytest.mark.subprocess]
+
 SCRIPT = textwrap.dedent(
     """
     import sys
@@ -93,5 +95,8 @@ def test_validation_metrics_cover_the_split_exactly_once(ddp_run):
 def test_main_process_wrote_the_run(ddp_run):
     base, _ = ddp_run
     metrics = json.loads((base / "run" / "metrics.json").read_text())
-    assert metrics["test"]["diffusion"]["acc"] >= 0.0
+    test = metrics["test"]
+    cm = np.asarray(test["confusion_matrix"])
+    assert cm.sum() == test["num_images"] == 40  # every test image once, no sampler padding
+    assert test["diffusion"]["acc"] == pytest.approx(np.trace(cm) / cm.sum())
     assert (base / "run" / "model.pt").is_file()

@@ -12,6 +12,8 @@ from diffmic.config import DiffMICConfig
 from diffmic.models.diffmic import DiffMIC
 from diffmic.training.api import train
 
+pytestmark = pytest.mark.train
+
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, request):
