@@ -16,8 +16,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from diffmic import __version__
 from diffmic._io import atomic_write, atomic_write_text, check_output_file
+from diffmic._version import __version__
 from diffmic.errors import ConfigError, DataError, DiffMICError
 
 DEFAULT_DATA = Path("..") / "shared" / "data" / "retinamnist.npz"  # relative to the working folder
@@ -183,17 +183,17 @@ def _print_table(guidance: dict, diffusion: dict, split: str) -> None:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from diffmic import load_model
     from diffmic.config import DiffMICConfig
     from diffmic.data.registry import build_data
     from diffmic.evaluation.report import build_report, predict_split
-    from diffmic.models.diffmic import DiffMIC
 
     _check_samples(args)
     if args.out:
         _check_writable(args.out)
     if args.plots:
         _prepare_out_dir(args.plots)
-    model = DiffMIC.from_checkpoint(args.checkpoint)
+    model = load_model(args.checkpoint)
     cfg = DiffMICConfig.from_dict(model.config)
     data_cfg = cfg.data
     if args.data:
@@ -290,11 +290,11 @@ def _read_image_file(path: Path):
 def _cmd_predict(args: argparse.Namespace) -> int:
     import torch
 
-    from diffmic.models.diffmic import DiffMIC
+    from diffmic import load_model
 
     if args.samples < 1:
         raise ConfigError(f"--samples must be >= 1, got {args.samples}")
-    model = DiffMIC.from_checkpoint(args.checkpoint)
+    model = load_model(args.checkpoint)
     if args.out:
         _check_writable(args.out)
     images = [_read_image_file(p) for p in args.images]
@@ -356,12 +356,12 @@ def _prepare_out_dir(path: Path) -> None:
 def _cmd_explain(args: argparse.Namespace) -> int:
     import torch
 
-    from diffmic.models.diffmic import DiffMIC
+    from diffmic import load_model
 
     if args.samples < 1:
         raise ConfigError(f"--samples must be >= 1, got {args.samples}")
     _prepare_out_dir(args.out)
-    model = DiffMIC.from_checkpoint(args.checkpoint)
+    model = load_model(args.checkpoint)
     images = [_read_image_file(p) for p in args.images]  # fail on a bad file before writing anything
     from diffmic.evaluation.plots import plot_explanation
 
@@ -419,10 +419,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
         if value is not None and value < 1:
             raise ConfigError(f"{flag} must be >= 1, got {value}")
     _check_writable(args.out)  # before the (slow) checkpoint load and export
+    from diffmic import load_model
     from diffmic.export import export_onnx
-    from diffmic.models.diffmic import DiffMIC
 
-    model = DiffMIC.from_checkpoint(args.checkpoint)
+    model = load_model(args.checkpoint)
     path = export_onnx(model, args.out, samples=args.samples, num_steps=args.steps, batch_size=args.batch_size)
     steps = args.steps or model.sampling_steps
     batch = "B" if args.batch_size is None else str(args.batch_size)

@@ -13,6 +13,7 @@ import torch
 from conftest import TINY_OVERRIDES
 from PIL import Image
 
+from diffmic import load_model, save_model
 from diffmic.cli import main
 from diffmic.config import DiffMICConfig
 from diffmic.data.base import DataBundle, ImageArray
@@ -21,7 +22,6 @@ from diffmic.errors import ConfigError
 from diffmic.evaluation.html_report import write_report
 from diffmic.evaluation.metrics import METRIC_NAMES
 from diffmic.evaluation.report import evaluate
-from diffmic.models.diffmic import DiffMIC
 from diffmic.training.api import train
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.train]
@@ -95,7 +95,7 @@ def test_report_is_self_contained(run, page):
 
 def test_report_metrics_match_an_independent_evaluation(run, page):
     run_dir, cfg, full, _ = run
-    model = DiffMIC.from_checkpoint(run_dir / "model.pt")
+    model = load_model(run_dir / "model.pt")
     kw = {"batch_size": cfg.data.eval_batch_size, "samples": cfg.eval.samples, "seed": 0}
     reports = {"val": evaluate(model, full.val, split="val", **kw),
                "test": evaluate(model, full.test, split="test", calibrate_on=full.val, **kw)}
@@ -138,12 +138,12 @@ def test_report_model_card(run, page):
 
 def test_write_report_api_escapes_text_and_tolerates_missing_logs(run, tmp_path, monkeypatch):
     run_dir, _, _, small = run
-    model = DiffMIC.from_checkpoint(run_dir / "model.pt")
+    model = load_model(run_dir / "model.pt")
     model.class_names = ["<script>alert(1)</script>", "a & b"]
     model.config["data"]["class_names"] = list(model.class_names)
     other = tmp_path / "copy"
     other.mkdir()
-    model.save(other / "model.pt", extra={"selected_epoch": 1})  # no logs/, no metrics.json
+    save_model(model, other / "model.pt", extra={"selected_epoch": 1})  # no logs/, no metrics.json
     out = write_report(other, tmp_path, data=small, samples=1, examples=2)
     assert out == tmp_path / "report.html" and out.is_file()
     page = out.read_text(encoding="utf-8")

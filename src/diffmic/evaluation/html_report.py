@@ -25,12 +25,14 @@ import torch
 from torch import Tensor
 
 from diffmic._io import atomic_write_text, check_output_file
+from diffmic._version import __version__
 from diffmic.data.base import DataBundle
 from diffmic.errors import CheckpointError, ConfigError, DataError, DiffMICError
 from diffmic.evaluation.calibration import apply_temperature
 from diffmic.evaluation.metrics import METRIC_NAMES
 from diffmic.evaluation.report import EvalReport, build_report, predict_split
-from diffmic.models.diffmic import DiffMIC, load_checkpoint_payload
+from diffmic.models.checkpoint import load_checkpoint_payload, model_from_payload
+from diffmic.models.diffmic import DiffMIC
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +100,9 @@ def _load_model(run_dir: Path) -> tuple[DiffMIC, dict[str, Any]]:
     model_path = run_dir / "model.pt"
     if not model_path.is_file():
         raise CheckpointError(f"{model_path} not found: {run_dir} is not a finished diffmic run folder")
-    model = DiffMIC.from_checkpoint(model_path)
-    extra = load_checkpoint_payload(model_path).get("extra") or {}
+    payload = load_checkpoint_payload(model_path)
+    model = model_from_payload(payload, source=model_path)
+    extra = payload.get("extra") or {}
     return model, extra if isinstance(extra, dict) else {}
 
 
@@ -232,8 +235,6 @@ def _model_card(
     settings: dict[str, Any],
     u: dict[str, Any],
 ) -> str:
-    from diffmic import __version__
-
     names = model.class_names
     sizes = {s: len(data.split(s)) for s in ("train", "val", "test")}
     per_class = "; ".join(

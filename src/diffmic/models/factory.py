@@ -65,6 +65,6 @@ def build_model(
         eta=d.eta,
         temperature=cfg.eval.temperature,
         share_encoder=m.share_encoder,
+        config=cfg.to_dict(),
     )
-    model.config = cfg.to_dict()
     return model

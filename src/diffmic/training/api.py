@@ -17,7 +17,7 @@ from diffmic.config import DiffMICConfig
 from diffmic.data.base import DataBundle
 from diffmic.data.registry import build_data
 from diffmic.errors import CheckpointError, DataError
-from diffmic.models.diffmic import DiffMIC, load_checkpoint_payload
+from diffmic.models.checkpoint import load_checkpoint_payload, model_from_payload, save_model
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +156,7 @@ def train(
     from diffmic.training.checkpointing import (
         AtomicCheckpointIO,
         ResumableCSVLogger,
+        lightning_to_model_payload,
         remove_partial_files,
     )
     from diffmic.training.datamodule import ArrayDataModule
@@ -222,10 +223,10 @@ def train(
 
     best = Path(ckpt.best_model_path) if ckpt.best_model_path else Path(last.best_model_path)
     payload = load_checkpoint_payload(best)
-    model = DiffMIC.from_payload(payload, source=best)
+    model = model_from_payload(lightning_to_model_payload(payload, best), source=best)
     selected_epoch = int(payload.get("epoch", -1))
     model_path = run_dir / "model.pt"
-    model.save(model_path, extra={"selected_epoch": selected_epoch, "git_commit": _git_commit()})
+    save_model(model, model_path, extra={"selected_epoch": selected_epoch, "git_commit": _git_commit()})
 
     e = cfg.eval
     reports = {
