@@ -223,7 +223,7 @@ def _one_error_line(code: int, err: str) -> str:
         ("unwritable_folder", "not writable"),
         ("out_is_folder", "folder"),
         ("format", "unsupported export format"),
-        ("samples", "--samples must be >= 1"),
+        ("samples", "argument --samples: must be >= 1"),
         ("steps", "num_steps must be in [1, 100]"),
     ],
 )

@@ -25,6 +25,20 @@ def check_output_file(path: Path, error: type[Exception]) -> None:
         raise error(f"output folder is not writable: {parent}")
 
 
+def prepare_output_dir(path: Path, error: type[Exception]) -> None:
+    """Create the output folder if its parent exists; ``error`` (one line) otherwise."""
+    if path.exists() and not path.is_dir():
+        raise error(f"output path exists and is not a folder: {path}")
+    if not path.is_dir():
+        check_output_file(path, error)
+        try:
+            path.mkdir()
+        except OSError as exc:
+            raise error(f"cannot create output folder {path} ({exc.strerror or type(exc).__name__})") from None
+    if not os.access(path, os.W_OK):
+        raise error(f"output folder is not writable: {path}")
+
+
 def partial_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}{PARTIAL_SUFFIX}")
 
