@@ -204,3 +204,15 @@ def test_shipped_configs_load(path):
         pytest.skip("no YAML files in configs/ yet")
     cfg = DiffMICConfig.from_yaml(path)
     assert isinstance(cfg, DiffMICConfig)
+
+
+def test_config_is_frozen_after_validation():
+    import dataclasses
+
+    cfg = DiffMICConfig.from_yaml(None, ["train.epochs=3"])
+    for section, key in (("train", "epochs"), ("data", "path"), ("model", "backbone"), ("eval", "samples")):
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(getattr(cfg, section), key, None)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.train = cfg.train
+    assert replace(cfg, train={"epochs": 4}).train.epochs == 4 and cfg.train.epochs == 3

@@ -1,7 +1,8 @@
 """Typed configuration: dataclasses, YAML load/save, dotted overrides and validation.
 
-The config tree is read in exactly one place per consumer (``build_model``, the data builders,
-the Lightning module); networks never see it.
+The dataclasses are frozen: a config is validated once, when it is built, and never changes
+afterwards; derive a changed copy with :func:`replace` (validated again). Networks never see the
+config: ``build_model`` reads it for them.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import yaml
 from diffmic.errors import ConfigError
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataConfig:
     """Where the images are and how they are read, split and augmented."""
 
@@ -49,7 +50,7 @@ class DataConfig:
     rotation: float = 15.0  # degrees, uniform in [-rotation, rotation]
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelConfig:
     """Networks: the DCG guidance network and the conditional label denoiser."""
 
@@ -68,7 +69,7 @@ class ModelConfig:
     denoiser_skip: bool = False  # learnable ε̂ += c(t)(y_t − ŷ), MMSE-initialised (not in the original)
 
 
-@dataclass
+@dataclass(frozen=True)
 class DiffusionConfig:
     """Label-space diffusion schedule and the inference sampler."""
 
@@ -81,7 +82,7 @@ class DiffusionConfig:
     eta: float = 0.0  # DDIM stochasticity (0 = deterministic)
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     """Optimisation, model selection and run bookkeeping."""
 
@@ -112,7 +113,7 @@ class TrainConfig:
     progress: bool = True
 
 
-@dataclass
+@dataclass(frozen=True)
 class EvalConfig:
     """Inference options."""
 
@@ -121,7 +122,7 @@ class EvalConfig:
     seed: int = 0
 
 
-@dataclass
+@dataclass(frozen=True)
 class DiffMICConfig:
     """The full, resolved configuration of a run."""
 

@@ -180,7 +180,7 @@ def test_remove_partial_files(tmp_path):
 def test_find_resumable_run(tmp_path):
     import time
 
-    from diffmic.config import DiffMICConfig
+    from diffmic.config import DiffMICConfig, replace
     from diffmic.training.api import find_resumable_run
 
     def make(name, *, finished=False, ckpt=True):
@@ -203,5 +203,4 @@ def test_find_resumable_run(tmp_path):
     assert find_resumable_run(cfg) == newest
     named = DiffMICConfig.from_yaml(None, [f"train.out_dir={tmp_path}", "train.run_name=retina-20261126-010000"])
     assert find_resumable_run(named) == tmp_path / "retina-20261126-010000"
-    named.train.run_name = "retina-20261126-030000"
-    assert find_resumable_run(named) is None
+    assert find_resumable_run(replace(named, train={"run_name": "retina-20261126-030000"})) is None

@@ -15,6 +15,7 @@ import torch
 
 from diffmic._io import atomic_write_text
 from diffmic.config import DiffMICConfig
+from diffmic.config import replace as replace_config
 from diffmic.data.base import DataBundle
 from diffmic.data.registry import build_data
 from diffmic.errors import CheckpointError, DataError
@@ -159,7 +160,7 @@ def train(
     resume_epoch = _checkpoint_epoch(_resume_from) if _resume_from is not None else None
     run_dir.mkdir(parents=True, exist_ok=True)  # only once the data is known to be usable
     if cfg.data.class_names is None:
-        cfg.data.class_names = list(data.class_names)
+        cfg = replace_config(cfg, data={"class_names": list(data.class_names)})
     if _resume_from is None:
         cfg.save(run.config_file)
     else:
