@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from diffmic._io import atomic_write_text
 from diffmic.errors import ConfigError
 
 
@@ -141,7 +142,7 @@ class DiffMICConfig:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(self.to_yaml())
+        atomic_write_text(path, self.to_yaml())
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None, *, source: str = "config") -> DiffMICConfig:

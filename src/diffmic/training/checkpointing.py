@@ -10,7 +10,7 @@ rename, whenever /tmp is another filesystem.)
 from __future__ import annotations
 
 import csv
-import os
+import io
 import random
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from diffmic._io import PARTIAL_SUFFIX, atomic_torch_save
+from diffmic._io import PARTIAL_SUFFIX, atomic_torch_save, atomic_write_text
 from diffmic.errors import CheckpointError
 from diffmic.models.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION
 
@@ -135,12 +135,11 @@ class _AppendingWriter(ExperimentWriter):
             reader = csv.DictReader(f)
             header = list(reader.fieldnames or [])
             rows = [r for r in reader if not _epoch_at_or_after(r.get("epoch"), self._resume_epoch)]
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=header)
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(tmp, path)
+        buf = io.StringIO(newline="")
+        writer = csv.DictWriter(buf, fieldnames=header)
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write_text(path, buf.getvalue())
         self.metrics_keys = sorted(header)
 
 
