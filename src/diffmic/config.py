@@ -1,7 +1,8 @@
 """Typed configuration: dataclasses, YAML load/save, dotted overrides and validation.
 
-The config tree is read in exactly one place per consumer (``build_model``, the data builders,
-the Lightning module); networks never see it.
+The dataclasses are frozen: a config is validated once, when it is built, and never changes
+afterwards; derive a changed copy with :func:`replace` (validated again). Networks never see the
+config: ``build_model`` reads it for them.
 """
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ from typing import Any
 
 import yaml
 
+from diffmic._io import atomic_write_text
 from diffmic.errors import ConfigError
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataConfig:
     """Where the images are and how they are read, split and augmented."""
 
@@ -49,7 +51,7 @@ class DataConfig:
     rotation: float = 15.0  # degrees, uniform in [-rotation, rotation]
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelConfig:
     """Networks: the DCG guidance network and the conditional label denoiser."""
 
@@ -72,7 +74,7 @@ class ModelConfig:
     roi_saliency: str = "class_sum"
 
 
-@dataclass
+@dataclass(frozen=True)
 class DiffusionConfig:
     """Label-space diffusion schedule and the inference sampler."""
 
@@ -85,7 +87,7 @@ class DiffusionConfig:
     eta: float = 0.0  # DDIM stochasticity (0 = deterministic)
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     """Optimisation, model selection and run bookkeeping."""
 
@@ -124,7 +126,7 @@ class TrainConfig:
     progress: bool = True
 
 
-@dataclass
+@dataclass(frozen=True)
 class EvalConfig:
     """Inference options."""
 
@@ -135,7 +137,7 @@ class EvalConfig:
     seed: int = 0
 
 
-@dataclass
+@dataclass(frozen=True)
 class DiffMICConfig:
     """The full, resolved configuration of a run."""
 
@@ -154,7 +156,7 @@ class DiffMICConfig:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(self.to_yaml())
+        atomic_write_text(path, self.to_yaml())
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None, *, source: str = "config") -> DiffMICConfig:

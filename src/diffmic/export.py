@@ -18,14 +18,13 @@ import importlib
 import io
 import json
 import logging
-import os
 import warnings
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from diffmic._io import check_output_file
+from diffmic._io import atomic_path, check_output_file
 from diffmic.diffusion.sampling import ddim_timesteps, sample_ddim
 from diffmic.errors import ConfigError, DiffMICError, ExportError
 from diffmic.diffusion.readout import mean_softmax_probs, vote_probs
@@ -231,13 +230,13 @@ def export_onnx(
 
     was_training = model.training
     model.eval()
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     log_disabled = logging.root.manager.disable
     try:
         # The exporter prints progress, logs its graph rewrites at INFO and raises many harmless
         # warnings: silence them so the CLI prints one line.
         logging.disable(logging.INFO)
-        with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        with atomic_path(path) as tmp, torch.no_grad(), warnings.catch_warnings(), \
+                contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
             try:
                 program = torch.onnx.export(
@@ -271,13 +270,9 @@ def export_onnx(
                 if batch_size is None:
                     checks.append(_example_inputs(model, samples, 3, seed=1))
                 _verify(tmp, wrapper, checks, tolerance)
-        try:
-            os.replace(tmp, path)
-        except OSError as exc:
-            raise ExportError(f"cannot write {path} ({exc.strerror or type(exc).__name__})") from exc
+    except OSError as exc:  # renaming the verified file over ``path``
+        raise ExportError(f"cannot write {path} ({exc.strerror or type(exc).__name__})") from exc
     finally:
         logging.disable(log_disabled)
         model.train(was_training)
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
     return path

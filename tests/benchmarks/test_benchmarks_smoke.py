@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 import torch
 
+pytestmark = pytest.mark.train
+
 REPO = Path(__file__).resolve().parents[2]
 
 TINY_CONFIG = """

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -18,16 +17,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from diffmic._io import atomic_torch_save
 from diffmic.diffusion.readout import mean_softmax_probs, readout_probs
 from diffmic.diffusion.sampling import sample, sample_mean_path
 from diffmic.diffusion.schedule import CardSchedule
-from diffmic.errors import CheckpointError, DataError
+from diffmic.errors import DataError
 from diffmic.models.denoiser import LabelDenoiser
 from diffmic.models.guidance import DCG, GuidanceOutput
-
-CHECKPOINT_FORMAT = "diffmic-model"
-CHECKPOINT_VERSION = 1
 
 
 class Prediction(NamedTuple):
@@ -44,7 +39,8 @@ probs_from_y0 = mean_softmax_probs  # (S, B, C) -> (B, C): mean over S of softma
 
 
 class DiffMIC(nn.Module):
-    """The full model. Build it with :func:`diffmic.models.factory.build_model` or load a checkpoint.
+    """The full model. Build it with :func:`diffmic.models.factory.build_model` or load a checkpoint
+    with :func:`diffmic.load_model` (:mod:`diffmic.models.checkpoint`).
 
     Args:
         guidance: the DCG.
@@ -61,6 +57,8 @@ class DiffMIC(nn.Module):
         temperature: softmax temperature turning y_0 into probabilities.
         share_encoder: the denoiser embeds the DCG's pooled global features instead of the image.
         readout: ``mean_path`` | ``vote`` | ``mean_softmax`` (:mod:`diffmic.diffusion.readout`).
+        config: the resolved config the model was built from (``DiffMICConfig.to_dict()``), stored
+            in checkpoints.
     """
 
     def __init__(
@@ -80,6 +78,7 @@ class DiffMIC(nn.Module):
         temperature: float = 0.1,
         share_encoder: bool = False,
         readout: str = "mean_softmax",
+        config: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.guidance = guidance
@@ -98,7 +97,7 @@ class DiffMIC(nn.Module):
         s = torch.tensor(std, dtype=torch.float32).expand(in_chans).reshape(1, in_chans, 1, 1)
         self.register_buffer("mean", m.clone(), persistent=False)
         self.register_buffer("std", s.clone(), persistent=False)
-        self.config: dict[str, Any] = {}  # resolved config, stored in checkpoints
+        self.config: dict[str, Any] = dict(config or {})  # resolved config, stored in checkpoints
 
     @property
     def num_classes(self) -> int:
@@ -263,7 +262,7 @@ class DiffMIC(nn.Module):
         ``interval_high`` (N, C) per-class percentile interval of the sampled y_0 values
         (2.5/97.5 % at ``level=0.95``; both equal y_0 when ``samples=1``).
         """
-        from diffmic.evaluation.uncertainty import (
+        from diffmic.diffusion.uncertainty import (
             class_intervals,
             predictive_entropy,
             vote_fractions,
@@ -324,84 +323,17 @@ class DiffMIC(nn.Module):
         }
 
     # --------------------------------------------------------------- persistence
-    def save(self, path: str | Path, *, extra: dict[str, Any] | None = None) -> None:
-        """Write a self-contained checkpoint (loadable with ``torch.load(weights_only=True)``)."""
-        payload = {
-            "format": CHECKPOINT_FORMAT,
-            "version": CHECKPOINT_VERSION,
-            "config": self.config,
-            "model_args": {
-                "num_classes": self.num_classes,
-                "class_names": self.class_names,
-                "in_chans": self.in_chans,
-                "image_size": self.image_size,
-            },
-            "state_dict": self.state_dict(),
-            "extra": extra or {},
+    def model_args(self) -> dict[str, Any]:
+        """What the data decided, stored in checkpoints beside the config (``build_model`` keywords).
+
+        Saving and loading live in :mod:`diffmic.models.checkpoint`.
+        """
+        return {
+            "num_classes": self.num_classes,
+            "class_names": self.class_names,
+            "in_chans": self.in_chans,
+            "image_size": self.image_size,
         }
-        path = Path(path)
-        atomic_torch_save(payload, path)  # never leaves a truncated checkpoint
-
-    @classmethod
-    def from_checkpoint(cls, path: str | Path, map_location: str | torch.device = "cpu") -> DiffMIC:
-        """Load a model saved by :meth:`save` (or a Lightning checkpoint of a training run)."""
-        return cls.from_payload(load_checkpoint_payload(path, map_location), source=path).to(map_location)
-
-    @classmethod
-    def from_payload(cls, payload: dict[str, Any], source: str | Path = "checkpoint") -> DiffMIC:
-        """Build a model from an already loaded checkpoint dict (``source`` names it in errors)."""
-        from diffmic.config import DiffMICConfig
-        from diffmic.models.factory import build_model
-
-        path = source
-        if payload.get("format") == CHECKPOINT_FORMAT:
-            cfg_dict, args, state = payload.get("config"), payload.get("model_args"), payload.get("state_dict")
-        elif "hyper_parameters" in payload and "state_dict" in payload:  # Lightning .ckpt
-            hp = payload["hyper_parameters"]
-            cfg_dict, args = hp.get("config"), hp.get("model_args")
-            sd = payload["state_dict"]
-            state = {k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")}
-            if (cfg_dict or {}).get("train", {}).get("ema_eval", False):  # export the EMA denoiser
-                prefix = "ema.shadow."
-                state.update({"denoiser." + k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)})
-            if cfg_dict is None or args is None:
-                raise CheckpointError(f"{path}: Lightning checkpoint without a diffmic config")
-        else:
-            raise CheckpointError(f"{path}: not a diffmic checkpoint (no format marker)")
-        args = args if isinstance(args, dict) else {}
-        missing = [k for k in ("num_classes", "in_chans", "image_size", "class_names") if k not in args]
-        if missing or not isinstance(state, dict) or not isinstance(cfg_dict, dict):
-            raise CheckpointError(f"{path}: incomplete checkpoint (no config, state_dict or model_args {missing})")
-        cfg = DiffMICConfig.from_dict(cfg_dict, source=f"{path} config")
-        model = build_model(
-            cfg,
-            num_classes=args["num_classes"],
-            in_chans=args["in_chans"],
-            image_size=args["image_size"],
-            class_names=args["class_names"],
-        )
-        try:
-            model.load_state_dict(state, strict=True)
-        except RuntimeError as exc:
-            first = str(exc).splitlines()[0]
-            raise CheckpointError(f"{path}: weights do not match the stored config ({first})") from None
-        model.eval()
-        return model
-
-
-def load_checkpoint_payload(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    """``torch.load`` with ``weights_only=True`` and one-line errors for missing/corrupt files."""
-    p = Path(path)
-    if not p.is_file():
-        raise CheckpointError(f"checkpoint not found: {p}")
-    try:
-        payload = torch.load(p, map_location=map_location, weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - garbage bytes also raise KeyError, IndexError, ...
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{p}: corrupt or unreadable checkpoint ({msg[:160]})") from None
-    if not isinstance(payload, dict):
-        raise CheckpointError(f"{p}: not a diffmic checkpoint")
-    return payload
 
 
 def _to_batch_tensor(images: Any) -> Tensor:

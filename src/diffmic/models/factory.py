@@ -68,6 +68,6 @@ def build_model(
         temperature=cfg.eval.temperature,
         share_encoder=m.share_encoder,
         readout=cfg.eval.readout,
+        config=cfg.to_dict(),
     )
-    model.config = cfg.to_dict()
     return model
