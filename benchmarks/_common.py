@@ -117,10 +117,11 @@ def fmt_mean_sd(stat: dict[str, Any] | None, digits: int = 3) -> str:
     return text
 
 
-def publish(kind: str, out: Path, result: dict, docs: Path | None, render) -> None:
-    """Write the result JSON and, unless ``docs`` is None, rewrite the ``kind`` section of the docs."""
+def publish(kind: str, out: Path, result: dict, docs: Path | None, render, section: str | None = None) -> None:
+    """Write the result JSON and, unless ``docs`` is None, rewrite the ``section`` (default ``kind``)
+    section of the docs."""
     write_json(out, result)
     print(f"[{kind}] wrote {out}")
     if docs is not None:
-        update_section(docs, kind, render(result))
+        update_section(docs, section or kind, render(result))
         print(f"[{kind}] updated {docs}")

@@ -18,11 +18,11 @@ are evaluated on the test split. Writes one JSON per run and the ``accuracy`` se
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import shutil
 import sys
-import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -34,6 +34,27 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as common
 
 METHODS = ("classifier", "dcg", "diffmic")
+# Rows: name -> (method, config overrides on top of --config/--set). The remedies of issue #10 and
+# the paper's ablations, each one change from its base row; `recipe` is the DCG pre-training recipe
+# of the plain classifier (Adam 1e-3, warm-up + cosine per iteration), the base of the remedies.
+RECIPE = ["train.dcg_lr=1.0e-3", "train.dcg_schedule=warmup_cosine", "train.dcg_joint_lr=2.0e-4"]
+ROWS: dict[str, tuple[str, list[str]]] = {
+    "classifier": ("classifier", []),
+    "dcg": ("dcg", []),
+    "dcg_recipe": ("dcg", RECIPE),
+    "diffmic": ("diffmic", []),
+    "recipe": ("diffmic", RECIPE),
+    "recipe_frozen": ("diffmic", [*RECIPE, "train.joint_train=false"]),
+    "recipe_crossfit": ("diffmic", [*RECIPE, "train.crossfit_folds=3"]),
+    "recipe_crossfit_frozen": ("diffmic", [*RECIPE, "train.crossfit_folds=3", "train.joint_train=false"]),
+    "recipe_draws1": ("diffmic", [*RECIPE, "train.noise_draws=1"]),
+    "recipe_shared": ("diffmic", [*RECIPE, "model.share_encoder=true"]),
+    "recipe_dropout": ("diffmic", [*RECIPE, "model.denoiser_dropout=0.2", "train.weight_decay=1.0e-4"]),
+    "recipe_roi_top": ("diffmic", [*RECIPE, "model.roi_saliency=top_class"]),
+    "recipe_roi_prior": ("diffmic", [*RECIPE, "model.roi_saliency=prior_weighted"]),
+    "recipe_no_mmd": ("diffmic", [*RECIPE, "train.mmd_weight=0"]),
+}
+READOUTS = ("mean_path", "vote", "mean_softmax")
 METRICS = ("acc", "f1", "qwk", "auroc", "ece")
 ORDINAL = ("retinamnist",)  # QWK is reported for these only
 QUICK = {
@@ -68,7 +89,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA, help="folder of MedMNIST .npz files")
     p.add_argument("--datasets", nargs="+", help="file stems to run (default: every .npz in --data-dir)")
     p.add_argument("--seeds", nargs="+", type=int, help="default 0 1 2 (quick: 0)")
-    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    p.add_argument("--methods", nargs="+", choices=METHODS, help="the plain rows (default: all three)")
+    p.add_argument("--rows", nargs="+", choices=list(ROWS), help="rows of the ablation table "
+                   f"(default: --methods); one of {list(ROWS)}")
     p.add_argument("--epochs", type=int, help="epoch budget E per method (default: dcg_pretrain_epochs + "
                    f"epochs of --config; quick: {QUICK['epochs']})")
     p.add_argument("--config", type=Path, default=common.REPO / "configs" / "benchmark.yaml")
@@ -79,10 +102,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true",
                    help="1 seed, few epochs, backbone test_resnet, capped training set: a smoke-level run")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
-    p.add_argument("--out", type=Path, help="result JSON (default benchmarks/results/accuracy-<timestamp>.json)")
+    p.add_argument("--out", type=Path, help="result JSON (default benchmarks/results/accuracy-<timestamp>.json); "
+                   "when it exists, its finished runs are kept and skipped (rerun the same command to resume)")
     p.add_argument("--docs", type=Path, default=common.DOCS, help="markdown file to update")
     p.add_argument("--no-docs", action="store_true", help="do not update the markdown file")
-    p.add_argument("--work-dir", type=Path, help="run folders (default: a temporary folder, removed)")
+    p.add_argument("--train-split", action="store_true",
+                   help="also evaluate DiffMIC rows on their training images (memorisation diagnostic)")
+    p.add_argument("--section", default="accuracy", help="name of the docs section to (re)write")
+    p.add_argument("--title", help="heading of the docs section")
+    p.add_argument("--work-dir", type=Path, help="run folders (default: <out folder>/tmp-<out name>, kept until "
+                   "each run finishes so a stopped benchmark continues an unfinished run from its last checkpoint)")
     p.add_argument("--keep-runs", action="store_true", help="keep the run folders (checkpoints, logs)")
     return p.parse_args(argv)
 
@@ -109,15 +138,23 @@ def subsample(bundle: Any, n: int | None) -> Any:
 
 
 def run_one(method: str, cfg_path: Path, overrides: list[str], budget: dict[str, Any], data: Any,
-            run_dir: Path) -> dict[str, Any]:
-    """Train and evaluate one method; returns its val/test metrics and timings."""
+            run_dir: Path, train_split: bool = False) -> dict[str, Any]:
+    """Train and evaluate one row; returns its val/test metrics and timings.
+
+    A DCG or DiffMIC run folder left by a stopped benchmark (``checkpoints/last.ckpt``, no
+    ``metrics.json``) is continued from its last checkpoint instead of started again.
+    ``train_split``: also evaluate DiffMIC on its own training images (every readout and the prior),
+    the memorisation diagnostic: diffusion − prior on train against the same on test.
+    """
     from diffmic.config import DiffMICConfig
-    from diffmic.training.api import train
+    from diffmic.training.api import resume, train
     from diffmic.training.baseline import train_classifier
 
     e, (d, j), warm = budget["epochs"], budget["diffmic_split"], budget["warmup_fraction"]
     if method == "classifier":
         cfg = DiffMICConfig.from_yaml(cfg_path, [*overrides, f"train.warmup_epochs={warm * e}"])
+        if run_dir.exists():
+            shutil.rmtree(run_dir)  # the classifier cannot resume: start it again
         res = train_classifier(cfg, epochs=e, run_dir=run_dir, data=data)
         return {"val": res["val"], "test": res["test"], "fit_seconds": res["fit_seconds"],
                 "selected_epoch": res["selected_epoch"]}
@@ -126,26 +163,60 @@ def run_one(method: str, cfg_path: Path, overrides: list[str], budget: dict[str,
     else:
         extra = [f"train.dcg_pretrain_epochs={d}", f"train.epochs={j}", f"train.warmup_epochs={warm * j}"]
     cfg = DiffMICConfig.from_yaml(cfg_path, [*overrides, *extra])
-    m = train(cfg, run_dir=run_dir, data=data).metrics
+    if (run_dir / "checkpoints" / "last.ckpt").is_file() and not (run_dir / "metrics.json").is_file():
+        print(f"[accuracy] continuing {run_dir} from its last checkpoint", flush=True)
+        m = resume(run_dir, data=data).metrics
+    else:
+        if run_dir.exists():
+            shutil.rmtree(run_dir)
+        m = train(cfg, run_dir=run_dir, data=data).metrics
     out = {"fit_seconds": m["fit_seconds"], "selected_epoch": m["selected_epoch"]}
+    if method == "diffmic" and train_split:
+        from diffmic.evaluation.report import evaluate
+        from diffmic.models import DiffMIC
+
+        model = DiffMIC.from_checkpoint(run_dir / "model.pt")
+        rep = evaluate(model, data.train, split="train", batch_size=cfg.data.eval_batch_size,
+                       samples=cfg.eval.samples, seed=cfg.eval.seed).to_dict()
+        out |= {"train": rep["diffusion"], "train_guidance": rep["guidance"], "train_readouts": rep["readouts"]}
     if method == "dcg":
         return out | {"val": m["val"]["guidance"], "test": m["test"]["guidance"]}
     return out | {"val": m["val"]["diffusion"], "test": m["test"]["diffusion"],
                   "val_guidance": m["val"]["guidance"], "test_guidance": m["test"]["guidance"],
+                  "val_readouts": m["val"].get("readouts"), "test_readouts": m["test"].get("readouts"),
+                  "readout": m.get("readout"), "temperature": m.get("temperature"),
                   "eval_settings": m["test"].get("settings")}
 
 
+def _row(r: dict[str, Any]) -> str:
+    return r.get("row", r["method"])
+
+
 def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Mean ± sd over seeds of the test metrics, per dataset and row (method or DiffMIC's DCG head)."""
+    """Mean ± sd over seeds of the test metrics, per dataset and row (and DiffMIC's DCG head,
+    its readouts and the per-seed paired difference diffusion − prior)."""
     rows: dict[str, dict[str, list[dict[str, Any]]]] = {}
     for r in runs:
         if "error" in r:
             continue
         ds = rows.setdefault(r["dataset"], {})
-        ds.setdefault(r["method"], []).append({**r["test"], "fit_seconds": r["fit_seconds"],
-                                               "wall_seconds": r["wall_seconds"]})
+        name = _row(r)
+        ds.setdefault(name, []).append({**r["test"], "fit_seconds": r["fit_seconds"],
+                                        "wall_seconds": r["wall_seconds"]})
         if "test_guidance" in r:
-            ds.setdefault("diffmic (DCG head)", []).append(dict(r["test_guidance"]))
+            g = r["test_guidance"]
+            ds.setdefault(f"{name} (DCG head)", []).append(dict(g))
+            ds.setdefault(f"{name} (diffusion − prior)", []).append(
+                {k: r["test"][k] - g[k] for k in ("acc", "auroc", "ece") if k in g and k in r["test"]})
+            if "train_guidance" in r:
+                tg = r["train_guidance"]
+                for ro, met in (r.get("train_readouts") or {}).items():
+                    ds.setdefault(f"{name} [{ro}] − prior, train", []).append(
+                        {k: met[k] - tg[k] for k in ("acc", "auroc") if k in tg and k in met})
+            for ro, met in (r.get("test_readouts") or {}).items():
+                ds.setdefault(f"{name} [{ro}]", []).append(dict(met))
+                ds.setdefault(f"{name} [{ro}] − prior", []).append(
+                    {k: met[k] - g[k] for k in ("acc", "auroc") if k in g and k in met})
     out: dict[str, Any] = {}
     for ds, per in rows.items():
         out[ds] = {}
@@ -160,7 +231,7 @@ def markdown(result: dict[str, Any]) -> str:
     commit = common.commit_label(info)
     d, j = s["diffmic_split"]
     lines = [
-        "## Accuracy against baselines",
+        f"## {s.get('title') or 'Accuracy against baselines'}",
         "",
         (f"Command: `{info['command']}` · {commit} · {info['cpu_count']} CPUs, {info['torch_threads']} torch "
         f"threads · {info['started']} · wall {result['wall_seconds']:.0f} s"),
@@ -177,7 +248,7 @@ def markdown(result: dict[str, Any]) -> str:
                   "images, few epochs): a smoke-level run, not comparable with published numbers.")]
     lines += ["", "| dataset | method | ACC | macro-F1 | QWK | macro AUROC | ECE | fit s / run |",
               "|---|---|---|---|---|---|---|---|"]
-    order = ["classifier", "dcg", "diffmic", "diffmic (DCG head)"]
+    order = [x for row in s.get("rows", METHODS) for x in (row, f"{row} (DCG head)")]
     for ds, per in result["summary"].items():
         ordinal = any(ds.startswith(o) for o in ORDINAL)
         for row in [r for r in order if r in per]:
@@ -185,12 +256,42 @@ def markdown(result: dict[str, Any]) -> str:
             cells = [common.fmt_mean_sd(st.get(k)) if (k != "qwk" or ordinal) else "–" for k in METRICS]
             fit = st.get("fit_seconds", {}).get("mean")
             lines.append(f"| {ds} | {row} | " + " | ".join(cells) + f" | {'–' if fit is None else f'{fit:.0f}'} |")
+    diff_rows = [r for r in s.get("rows", METHODS) if ROWS.get(r, ("",))[0] == "diffmic"]
+    if any(f"{r} [mean_path]" in per for per in result["summary"].values() for r in diff_rows):
+        lines += ["", "Readouts of the same DiffMIC runs (test ACC / macro AUROC) and the per-seed paired "
+                  "difference to the run's own DCG prior (mean ± sd over seeds):", "",
+                  "| dataset | row | shipped − prior ACC | AUROC | " + " | ".join(
+                      f"{ro} ACC | AUROC | − prior ACC | − prior AUROC" for ro in READOUTS) + " |",
+                  "|---|---|---|---|" + "---|" * (4 * len(READOUTS))]
+        for ds, per in result["summary"].items():
+            for row in [r for r in diff_rows if f"{r} [mean_path]" in per]:
+                d0 = per.get(f"{row} (diffusion − prior)", {})
+                cells = [common.fmt_mean_sd(d0.get("acc")), common.fmt_mean_sd(d0.get("auroc"))]
+                for ro in READOUTS:
+                    a, dd = per.get(f"{row} [{ro}]", {}), per.get(f"{row} [{ro}] − prior", {})
+                    cells += [common.fmt_mean_sd(a.get("acc")), common.fmt_mean_sd(a.get("auroc")),
+                              common.fmt_mean_sd(dd.get("acc")), common.fmt_mean_sd(dd.get("auroc"))]
+                lines.append(f"| {ds} | {row} | " + " | ".join(cells) + " |")
+        trained = [(ds, r) for ds, per in result["summary"].items() for r in diff_rows
+                   if f"{r} [mean_path] − prior, train" in per]
+        if trained:
+            lines += ["", "Memorisation diagnostic: readout − prior ACC on the training images against the same on "
+                      "test (a readout that gains on train and loses on test learned training residuals):", "",
+                      "| dataset | row | " + " | ".join(f"{ro} train | {ro} test" for ro in READOUTS) + " |",
+                      "|---|---|" + "---|" * (2 * len(READOUTS))]
+            for ds, row in trained:
+                per = result["summary"][ds]
+                cells = [common.fmt_mean_sd(per.get(f"{row} [{ro}] − prior{sfx}", {}).get("acc"))
+                         for ro in READOUTS for sfx in (", train", "")]
+                lines.append(f"| {ds} | {row} | " + " | ".join(cells) + " |")
+        lines += ["", "Rows: " + "; ".join(f"`{r}`: " + (" ".join(f"`{o}`" for o in ROWS[r][1]) or "as the config")
+                                          for r in s.get("rows", METHODS) if r in ROWS) + "."]
     errors = [r for r in result["runs"] if "error" in r]
     if errors:
         lines += ["", "Failed runs: " + "; ".join(f"{r['dataset']}/{r['method']}/seed {r['seed']}: "
                                                    f"{r['error'].splitlines()[-1][:120]}" for r in errors)]
     lines += ["", ("QWK only for ordinal datasets (RetinaMNIST). ECE: 15 equal-width bins (L1). "
-              "`diffmic (DCG head)` is the guidance prior of the same DiffMIC runs."), ""]
+              "`<row> (DCG head)` is the guidance prior of the same DiffMIC runs."), ""]
     names = [ds for ds in result["summary"] if ds.split("_")[0] in MEDMNIST_V2] or \
         [ds for ds in result["datasets"] if ds.split("_")[0] in MEDMNIST_V2]
     if names:
@@ -224,9 +325,12 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     info = common.run_info("benchmarks/accuracy.py", argv)
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
+    rows = args.rows or args.methods or list(METHODS)
     overrides = [*(QUICK["overrides"] if args.quick else []), *args.overrides]
     max_train = args.max_train if args.max_train is not None else (QUICK["max_train"] if args.quick else None)
     base = DiffMICConfig.from_yaml(args.config, overrides)
+    for row in rows:  # every row's overrides must be valid before hours of training start
+        DiffMICConfig.from_yaml(args.config, [*overrides, *ROWS[row][1]])
     t = base.train
     epochs = args.epochs or (QUICK["epochs"] if args.quick else t.dcg_pretrain_epochs + t.epochs)
     budget = {"epochs": epochs, "diffmic_split": split_budget(t.dcg_pretrain_epochs, t.epochs, epochs),
@@ -245,59 +349,77 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     out = args.out or common.RESULTS / f"accuracy-{common.timestamp()}.json"
-    work = args.work_dir or Path(tempfile.mkdtemp(prefix="diffmic-accuracy-"))
+    work = args.work_dir or out.parent / f"tmp-{out.stem}"
     work.mkdir(parents=True, exist_ok=True)
+    runs: list[dict[str, Any]] = []
+    if out.is_file():  # resume: keep the finished runs of an earlier invocation of this command
+        earlier = json.loads(out.read_text())
+        runs = [r for r in earlier.get("runs", []) if "error" not in r]
+        print(f"[accuracy] {out} exists: keeping its {len(runs)} finished run(s)", flush=True)
+    done = {(r["dataset"], r["seed"], _row(r)) for r in runs}
     print(f"[accuracy] {'QUICK mode: ' if args.quick else ''}backbone {base.model.backbone}, denoiser "
           f"{base.model.denoiser_backbone}, feature_dim {base.model.feature_dim}, {epochs} epochs per method "
           f"(DiffMIC {budget['diffmic_split'][0]} DCG + {budget['diffmic_split'][1]} joint), seeds {seeds}, "
-          f"train images capped at {max_train or 'all'}, {threads} torch threads", flush=True)
-    runs: list[dict[str, Any]] = []
-    method_seconds = {m: 0.0 for m in args.methods}
+          f"rows {rows}, train images capped at {max_train or 'all'}, {threads} torch threads", flush=True)
+    method_seconds = {m: 0.0 for m in rows}
     train_images = {}
-    try:
-        for f in files:
-            data = subsample(read_medmnist(f), max_train)
-            train_images[f.stem] = len(data.train)
-            for seed in seeds:
-                for method in args.methods:
-                    ov = [*overrides, f"data.path={f}", f"train.seed={seed}"]
-                    tic = time.perf_counter()
-                    record: dict[str, Any] = {"dataset": f.stem, "seed": seed, "method": method}
-                    try:
-                        record |= run_one(method, args.config, ov, budget, data, work / f.stem / str(seed) / method)
-                    except Exception:  # noqa: BLE001 - keep going; the failure is recorded and makes the exit code 1
-                        record["error"] = traceback.format_exc()
-                    record["wall_seconds"] = round(time.perf_counter() - tic, 1)
-                    method_seconds[method] += record["wall_seconds"]
-                    runs.append(record)
-                    what = (f"test acc {record['test']['acc']:.3f}" if "test" in record
-                            else "FAILED: " + record["error"].strip().splitlines()[-1])
-                    print(f"[accuracy] {f.stem} seed {seed} {method}: {what} ({record['wall_seconds']:.0f} s)",
-                          flush=True)
-    finally:
-        if not args.keep_runs and args.work_dir is None:
-            shutil.rmtree(work, ignore_errors=True)
 
-    result = {
-        "benchmark": "accuracy",
-        "run": info | {"torch_threads": threads},
-        "settings": {
-            "config": str(args.config), "overrides": overrides, "quick": args.quick, "seeds": seeds,
-            "methods": args.methods, "epochs": epochs, "diffmic_split": list(budget["diffmic_split"]),
-            "warmup_fraction": budget["warmup_fraction"], "max_train": max_train, "train_images": train_images,
-            "backbone": base.model.backbone, "denoiser_backbone": base.model.denoiser_backbone,
-            "feature_dim": base.model.feature_dim, "sampler": base.diffusion.sampler,
-            "sampling_steps": base.diffusion.sampling_steps, "eval_samples": base.eval.samples,
-            "select_metric": base.train.select_metric, "resolved_config": base.to_dict(),
-        },
-        "datasets": [f.stem for f in files],
-        "wall_seconds": round(time.perf_counter() - started, 1),
-        "wall_seconds_per_method": {m: round(s, 1) for m, s in method_seconds.items()},
-        "runs": runs,
-        "summary": summarise(runs),
-    }
-    common.publish("accuracy", out, result, None if args.no_docs else args.docs, markdown)
-    return 1 if any("error" in r for r in runs) else 0
+    def result() -> dict[str, Any]:
+        return {
+            "benchmark": "accuracy",
+            "run": info | {"torch_threads": threads},
+            "settings": {
+                "config": str(args.config), "overrides": overrides, "quick": args.quick, "seeds": seeds,
+                "rows": rows, "row_overrides": {r: ROWS[r][1] for r in rows},
+                "methods": sorted({ROWS[r][0] for r in rows}), "epochs": epochs,
+                "diffmic_split": list(budget["diffmic_split"]), "title": args.title,
+                "warmup_fraction": budget["warmup_fraction"], "max_train": max_train, "train_images": train_images,
+                "backbone": base.model.backbone, "denoiser_backbone": base.model.denoiser_backbone,
+                "feature_dim": base.model.feature_dim, "sampler": base.diffusion.sampler,
+                "sampling_steps": base.diffusion.sampling_steps, "eval_samples": base.eval.samples,
+                "select_metric": base.train.select_metric, "resolved_config": base.to_dict(),
+            },
+            "datasets": [f.stem for f in files],
+            "wall_seconds": round(time.perf_counter() - started, 1),
+            "wall_seconds_per_method": {m: round(v, 1) for m, v in method_seconds.items()},
+            "runs": runs,
+            "summary": summarise(runs),
+        }
+
+    failed = False
+    for f in files:
+        data = subsample(read_medmnist(f), max_train)
+        train_images[f.stem] = len(data.train)
+        for seed in seeds:
+            for row in rows:
+                if (f.stem, seed, row) in done:
+                    continue
+                method, row_overrides = ROWS[row]
+                ov = [*overrides, *row_overrides, f"data.path={f}", f"train.seed={seed}"]
+                run_dir = work / f.stem / str(seed) / row
+                tic = time.perf_counter()
+                record: dict[str, Any] = {"dataset": f.stem, "seed": seed, "method": method, "row": row}
+                try:
+                    record |= run_one(method, args.config, ov, budget, data, run_dir, args.train_split)
+                except Exception:  # noqa: BLE001 - keep going; the failure is recorded and makes the exit code 1
+                    record["error"] = traceback.format_exc()
+                    failed = True
+                record["wall_seconds"] = round(time.perf_counter() - tic, 1)
+                method_seconds[row] += record["wall_seconds"]
+                what = (f"test acc {record['test']['acc']:.3f}" if "test" in record
+                        else "FAILED: " + record["error"].strip().splitlines()[-1])
+                print(f"[accuracy] {f.stem} seed {seed} {row}: {what} ({record['wall_seconds']:.0f} s)", flush=True)
+                if "error" in record:
+                    runs.append(record)
+                    continue
+                runs.append(record)
+                if not args.keep_runs:
+                    shutil.rmtree(run_dir, ignore_errors=True)
+                common.write_json(out, result())  # a finished run is never lost
+    common.publish("accuracy", out, result(), None if args.no_docs else args.docs, markdown, section=args.section)
+    if not args.keep_runs and args.work_dir is None and not failed:
+        shutil.rmtree(work, ignore_errors=True)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

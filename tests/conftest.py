@@ -55,11 +55,11 @@ TINY_OVERRIDES = [
 def tiny_checkpoint(tmp_path_factory):
     """(model.pt of an untrained 2-class 1-channel tiny model, path of breastmnist.npz)."""
     from diffmic.config import DiffMICConfig
-    from diffmic.models import build_model
+    from diffmic.models import build_model, save_model
 
     data = shared_file("breastmnist.npz")
     cfg = DiffMICConfig.from_yaml(None, [f"data.path={data}", *TINY_OVERRIDES])
     model = build_model(cfg, num_classes=2, in_chans=1, image_size=28, class_names=["malignant", "benign"])
     path = tmp_path_factory.mktemp("ckpt") / "model.pt"
-    model.save(path)
+    save_model(model, path)
     return path, data

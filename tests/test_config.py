@@ -204,3 +204,22 @@ def test_shipped_configs_load(path):
         pytest.skip("no YAML files in configs/ yet")
     cfg = DiffMICConfig.from_yaml(path)
     assert isinstance(cfg, DiffMICConfig)
+
+
+def test_exponent_without_dot_is_a_float_and_words_are_still_refused():
+    cfg = DiffMICConfig.from_yaml(None, ["train.lr=1e-3", "train.dcg_lr=2E-4"])  # YAML 1.1 reads these as strings
+    assert cfg.train.lr == 1e-3 and type(cfg.train.lr) is float and cfg.train.dcg_lr == 2e-4
+    with pytest.raises(ConfigError, match="train.lr: expected a number"):
+        DiffMICConfig.from_yaml(None, ["train.lr=fast"])
+
+
+def test_config_is_frozen_after_validation():
+    import dataclasses
+
+    cfg = DiffMICConfig.from_yaml(None, ["train.epochs=3"])
+    for section, key in (("train", "epochs"), ("data", "path"), ("model", "backbone"), ("eval", "samples")):
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(getattr(cfg, section), key, None)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.train = cfg.train
+    assert replace(cfg, train={"epochs": 4}).train.epochs == 4 and cfg.train.epochs == 3

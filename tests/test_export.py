@@ -25,11 +25,14 @@ ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxscript")
 
+from diffmic import load_model, save_model
 from diffmic.cli import main
 from diffmic.config import DiffMICConfig
 from diffmic.errors import ConfigError, ExportError
 from diffmic.export import DiffMICInference, _verify, export_onnx
 from diffmic.models import DiffMIC, build_model
+
+pytestmark = pytest.mark.export
 
 SAMPLES, STEPS = 3, 4
 TOL = 1e-4
@@ -103,7 +106,7 @@ def breast_cli(tmp_path_factory):
     model = _trained(data, 2, 1, ["malignant", "benign"], ["model.share_encoder=true", "model.denoiser_skip=true"])
     folder = tmp_path_factory.mktemp("cli")
     ckpt = folder / "model.pt"
-    model.save(ckpt)
+    save_model(model, ckpt)
     out = folder / "breast.onnx"
     stdout, stderr = io.StringIO(), io.StringIO()  # capsys is function-scoped: capture by hand
     with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
@@ -196,7 +199,7 @@ def test_cli_export_writes_one_file_and_one_line(breast_cli):
 def test_cli_export_matches_checkpoint_on_breastmnist(breast_cli):
     code, _, err, ckpt, path, data = breast_cli
     assert code == 0, err
-    model = DiffMIC.from_checkpoint(ckpt)
+    model = load_model(ckpt)
     images = _to01(np.load(data)["test_images"][:4])
     sess = _session(path)
     diffs = _max_diffs(sess, model, images, _noise(4, 2))
@@ -221,7 +224,7 @@ def _one_error_line(code: int, err: str) -> str:
         ("unwritable_folder", "not writable"),
         ("out_is_folder", "folder"),
         ("format", "unsupported export format"),
-        ("samples", "--samples must be >= 1"),
+        ("samples", "argument --samples: must be >= 1"),
         ("steps", "num_steps must be in [1, 100]"),
     ],
 )
@@ -309,7 +312,7 @@ def test_missing_packages_name_the_extra(small_model, tmp_path, monkeypatch, cap
     with pytest.raises(ExportError, match=r"onnxscript.*pip install 'diffmic\[export\]'"):
         export_onnx(small_model, tmp_path / "m.onnx")
     ckpt = tmp_path / "model.pt"
-    small_model.save(ckpt)
+    save_model(small_model, ckpt)
     code, _, err = _run(["export", "--checkpoint", ckpt, "--out", tmp_path / "m.onnx"], capsys)
     assert "pip install 'diffmic[export]'" in _one_error_line(code, err)
     assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]

@@ -1,13 +1,17 @@
 """Atomic file writes: a temporary file in the same folder, flushed and renamed over the target.
 
 A process killed (or a disk that fills up) mid-write leaves the previous file or none, never a
-truncated file that looks complete; the temporary file is removed when the write fails.
+truncated file that looks complete; the temporary file is removed when the write fails. Every
+writer of the package goes through here: :func:`atomic_write` (a file object),
+:func:`atomic_write_text`, :func:`atomic_torch_save`, and :func:`atomic_path` for writers that
+need a path (the ONNX exporter).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
@@ -35,23 +39,50 @@ def check_output_file(path: Path, error: type[Exception], inputs: Iterable[str |
         raise error(f"output folder is not writable: {parent}")
 
 
+def prepare_output_dir(path: Path, error: type[Exception]) -> None:
+    """Create the output folder if its parent exists; ``error`` (one line) otherwise."""
+    if path.exists() and not path.is_dir():
+        raise error(f"output path exists and is not a folder: {path}")
+    if not path.is_dir():
+        check_output_file(path, error)
+        try:
+            path.mkdir()
+        except OSError as exc:
+            raise error(f"cannot create output folder {path} ({exc.strerror or type(exc).__name__})") from None
+    if not os.access(path, os.W_OK):
+        raise error(f"output folder is not writable: {path}")
+
+
 def partial_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}{PARTIAL_SUFFIX}")
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; the block writes it, and on success it is renamed
+    over ``path``. On any error the temporary file is removed and ``path`` is left as it was."""
+    path = Path(path)
+    tmp = partial_path(path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _sync_folder(path)
 
 
 def atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any]) -> Path:
     """Call ``write(f)`` on a binary temporary file, fsync it, and rename it to ``path``."""
     path = Path(path)
-    tmp = partial_path(path)
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    return path
+
+
+def _sync_folder(path: Path) -> None:
     try:  # make the rename itself durable
         fd = os.open(path.parent, os.O_RDONLY)
         try:
@@ -60,7 +91,6 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any]) -> Path:
             os.close(fd)
     except OSError:
         pass
-    return path
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:

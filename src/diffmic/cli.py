@@ -6,18 +6,15 @@ Every user error ends in one line on stderr (``diffmic: error: ...``) and a non-
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import logging
-import os
 import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from diffmic import __version__
-from diffmic._io import atomic_write, atomic_write_text, check_output_file
+from diffmic._io import atomic_write, atomic_write_text, check_output_file, prepare_output_dir
+from diffmic._version import __version__
 from diffmic.errors import ConfigError, DataError, DiffMICError
 
 DEFAULT_DATA = Path("..") / "shared" / "data" / "retinamnist.npz"  # relative to the working folder
@@ -42,6 +39,17 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"diffmic: error: {self.prog}: {message} (see '{self.prog} --help')\n")
+
+
+def positive_int(text: str) -> int:
+    """argparse type of ``--samples``, ``--steps`` and ``--batch-size``: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -78,9 +86,9 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--data", help="dataset path (default: the one stored in the checkpoint)")
     e.add_argument("--format", help="dataset format if different from the checkpoint's")
     e.add_argument("--split", default="test", choices=["train", "val", "test"])
-    e.add_argument("--samples", type=int, default=None, help="reverse chains per image")
+    e.add_argument("--samples", type=positive_int, default=None, help="reverse chains per image")
     e.add_argument("--sampler", choices=["ddim", "ancestral", "truncated"], default=None)
-    e.add_argument("--steps", type=int, default=None, help="sampling steps (denoiser calls)")
+    e.add_argument("--steps", type=positive_int, default=None, help="sampling steps (denoiser calls)")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--out", type=Path, help="write the JSON report here (default: stdout)")
     e.add_argument("--plots", type=Path, metavar="DIR",
@@ -95,7 +103,7 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("images", nargs="+", type=Path, metavar="IMAGE|DIR",
                     help="image files, or folders: their images, sorted by path (other files are listed, not used)")
     pr.add_argument("--recursive", action="store_true", help="also take the images in sub-folders of a folder")
-    pr.add_argument("--samples", type=int, default=1, help="reverse chains per image")
+    pr.add_argument("--samples", type=positive_int, default=1, help="reverse chains per image")
     pr.add_argument("--seed", type=int, default=0)
     pr.add_argument("--out", type=Path, help="write a CSV here (default: stdout)")
 
@@ -107,14 +115,14 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--recursive", action="store_true", help="also take the images in sub-folders of a folder")
     x.add_argument("--out", required=True, type=Path, metavar="DIR",
                    help="output folder for <stem>_explain.png (created if its parent exists)")
-    x.add_argument("--samples", type=int, default=1, help="reverse chains per image")
+    x.add_argument("--samples", type=positive_int, default=1, help="reverse chains per image")
     x.add_argument("--seed", type=int, default=0)
 
     r = add("report", "Write one self-contained HTML report of a training run (metrics, calibration, "
                       "accuracy-coverage, training curves, ROI examples, model card).")
     r.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a finished run folder (with model.pt)")
     r.add_argument("--out", type=Path, help="the HTML file (default: RUN_DIR/report.html)")
-    r.add_argument("--samples", type=int, default=None, help="reverse chains per image (default: the run's)")
+    r.add_argument("--samples", type=positive_int, default=None, help="reverse chains per image (default: the run's)")
     r.add_argument("--seed", type=int, default=0)
 
     c = add("config", "Print the resolved configuration as YAML.")
@@ -125,9 +133,9 @@ def _parser() -> argparse.ArgumentParser:
     xp.add_argument("--checkpoint", required=True, type=Path, help="model.pt or a Lightning .ckpt")
     xp.add_argument("--format", default="onnx", help="export format (only onnx is supported)")
     xp.add_argument("--out", required=True, type=Path, metavar="FILE", help="the file to write (e.g. model.onnx)")
-    xp.add_argument("--samples", type=int, default=1, help="reverse chains per image, fixed in the graph")
-    xp.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the checkpoint's sampling_steps)")
-    xp.add_argument("--batch-size", type=int, default=None,
+    xp.add_argument("--samples", type=positive_int, default=1, help="reverse chains per image, fixed in the graph")
+    xp.add_argument("--steps", type=positive_int, default=None, help="DDIM steps (default: the checkpoint's sampling_steps)")
+    xp.add_argument("--batch-size", type=positive_int, default=None,
                     help="fix the batch size (default: dynamic batch axis)")
     return p
 
@@ -143,6 +151,7 @@ def _load_cfg(args: argparse.Namespace, extra: list[str] | None = None):
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from diffmic.config import replace
     from diffmic.training.api import find_resumable_run, resume, train
 
     if args.resume and args.resume != "auto":
@@ -156,10 +165,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         extra.append(f"train.run_name={args.name}")
     cfg = _load_cfg(args, extra)
     if not cfg.data.path:
-        if DEFAULT_DATA.is_file():
-            cfg.data.path = str(DEFAULT_DATA)
-        else:
+        if not DEFAULT_DATA.is_file():
             raise ConfigError("no dataset given: use --data PATH (or data.path in the config)")
+        cfg = replace(cfg, data={"path": str(DEFAULT_DATA)})
     if args.resume == "auto":
         run_dir = find_resumable_run(cfg)
         if run_dir is not None:
@@ -187,95 +195,37 @@ def _print_table(guidance: dict, diffusion: dict, split: str) -> None:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from diffmic.config import DiffMICConfig
-    from diffmic.data.registry import build_data
-    from diffmic.evaluation.report import build_report, predict_split
-    from diffmic.models.diffmic import DiffMIC
+    from diffmic import load_model
+    from diffmic.evaluation.plots import write_evaluation_figures
+    from diffmic.evaluation.report import evaluate_checkpoint
 
-    _check_samples(args)
     if args.out:
-        _check_writable(args.out, [args.checkpoint, *([args.data] if args.data else [])])
+        check_output_file(args.out, ConfigError, [args.checkpoint, *([args.data] if args.data else [])])
     if args.plots:
-        _prepare_out_dir(args.plots)
-    model = DiffMIC.from_checkpoint(args.checkpoint)
-    cfg = DiffMICConfig.from_dict(model.config)
-    data_cfg = cfg.data
-    if args.data:
-        data_cfg.path = args.data
-    if args.format:
-        data_cfg.format = args.format
-    data_cfg.image_size = model.image_size
-    data_cfg.channels = model.in_chans
-    if args.data:
-        data_cfg.class_names = None  # another dataset: take its own class count and names
-    elif data_cfg.split_file is None:  # the split the run was trained on (run/model.pt, run/checkpoints/x.ckpt)
-        for folder in (args.checkpoint.parent, args.checkpoint.parent.parent):
-            if (folder / "split.json").is_file() and (folder / "config.yaml").is_file():
-                data_cfg.split_file = str(folder / "split.json")
-                break
-    data = build_data(data_cfg)
-    split = data.split(args.split)
-    if len(split) == 0:
-        raise DataError(f"{data.source}: the {args.split} split is empty")
-    if data.num_classes > model.num_classes:
-        raise DataError(
-            f"{data.source} has {data.num_classes} classes but the checkpoint predicts {model.num_classes}"
-        )
-    calibrate_on = None
-    if args.calibrate:
-        calibrate_on = data.val
-        if len(calibrate_on) == 0:
-            raise DataError(f"{data.source}: the val split is empty; --calibrate fits the temperature on it")
-        if args.split == "val":
-            print("diffmic: note: --calibrate fits the temperature on the split it evaluates (val); "
-                  "the calibrated ECE is optimistic", file=sys.stderr)
-    settings = {"batch_size": cfg.data.eval_batch_size, "samples": args.samples or cfg.eval.samples,
-                "seed": args.seed, "sampler": args.sampler, "num_steps": args.steps}
-    probs, priors, labels = predict_split(model, split, **settings)
-    calibration = None
-    if calibrate_on is not None:
-        val_probs, _, val_labels = predict_split(model, calibrate_on, **settings)
-        calibration = (val_probs, val_labels)
-    report = build_report(
-        probs, priors, labels, model.class_names, split=args.split, calibration=calibration,
-        settings={"samples": settings["samples"], "seed": args.seed, "sampler": args.sampler or model.sampler,
-                  "sampling_steps": args.steps or model.sampling_steps, "temperature": model.temperature},
+        prepare_output_dir(args.plots, ConfigError)
+    ev = evaluate_checkpoint(
+        args.checkpoint, model=load_model(args.checkpoint), split=args.split, data_path=args.data,
+        data_format=args.format, samples=args.samples, sampler=args.sampler, num_steps=args.steps,
+        seed=args.seed, calibrate=args.calibrate,
     )
+    if args.calibrate and args.split == "val":
+        print("diffmic: note: --calibrate fits the temperature on the split it evaluates (val); "
+              "the calibrated ECE is optimistic", file=sys.stderr)
+    report = ev.report
     if args.plots:
-        _write_eval_plots(args.plots, report, probs, priors, labels, model.class_names)
-    if args.out:
-        _check_writable(args.out, [args.checkpoint, data_cfg.path])
-        report.to_json(args.out)
-        _print_table(report.guidance, report.diffusion, args.split)
-        if report.uncertainty is not None:
-            u = report.uncertainty
-            print(f"temperature scaling (T = {u['fitted_temperature']:.4g}, fitted on val): "
-                  f"ECE {u['ece']:.4f} -> {u['ece_calibrated']:.4f}; AURC {u['aurc']:.4f}")
-        print(f"report written to {args.out}")
-    else:
+        names = write_evaluation_figures(args.plots, ev)
+        print(f"figures written to {args.plots}: {', '.join(names)}")
+    if not args.out:
         print(report.to_json())
+        return 0
+    report.to_json(args.out)
+    _print_table(report.guidance, report.diffusion, args.split)
+    if report.uncertainty is not None:
+        u = report.uncertainty
+        print(f"temperature scaling (T = {u['fitted_temperature']:.4g}, fitted on val): "
+              f"ECE {u['ece']:.4f} -> {u['ece_calibrated']:.4f}; AURC {u['aurc']:.4f}")
+    print(f"report written to {args.out}")
     return 0
-
-
-def _write_eval_plots(folder: Path, report, probs, priors, labels, class_names) -> None:
-    from diffmic.evaluation.calibration import apply_temperature
-    from diffmic.evaluation.plots import (
-        plot_accuracy_coverage,
-        plot_confusion_matrix,
-        plot_reliability,
-    )
-
-    u = report.uncertainty
-    calibrated = apply_temperature(probs, u["fitted_temperature"]) if u else None
-    figures = {
-        "reliability.png": plot_reliability(probs, labels, calibrated,
-                                            temperature=u["fitted_temperature"] if u else None),
-        "coverage.png": plot_accuracy_coverage({"DiffMIC (diffusion)": probs, "DCG prior": priors}, labels),
-        "confusion.png": plot_confusion_matrix(report.confusion_matrix, class_names),
-    }
-    for name, fig in figures.items():
-        atomic_write(folder / name, lambda f, fig=fig: fig.savefig(f, format="png"))
-    print(f"figures written to {folder}: {', '.join(figures)}")
 
 
 def _expand_images(items: list[Path], recursive: bool) -> tuple[list[Path], list[str]]:
@@ -316,14 +266,13 @@ def _load_images(paths: list[Path], spec) -> list:
 def _cmd_predict(args: argparse.Namespace) -> int:
     import torch
 
-    from diffmic.models.diffmic import DiffMIC
+    from diffmic import load_model
+    from diffmic.evaluation.report import predictions_csv
 
-    if args.samples < 1:
-        raise ConfigError(f"--samples must be >= 1, got {args.samples}")
     paths, notes = _expand_images(args.images, args.recursive)
     if args.out:
-        _check_writable(args.out, [*paths, args.checkpoint])
-    model = DiffMIC.from_checkpoint(args.checkpoint)
+        check_output_file(args.out, ConfigError, [*paths, args.checkpoint])
+    model = load_model(args.checkpoint)
     images = _load_images(paths, model.image_spec)  # exactly the reader's uint8 arrays
     for note in notes:
         print(note, file=sys.stderr)
@@ -331,25 +280,12 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     # Nothing is written before every image has been predicted; a bad image names its file.
     details = [_named(path, model.predict_details, im, samples=args.samples, generator=gen)
                for path, im in zip(paths, images, strict=True)]
-    cols = {k: torch.cat([d[k] for d in details]).tolist()
-            for k in ("probs", "entropy", "votes", "interval_low", "interval_high")}
-    names = model.class_names
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(["path", "prediction", *[f"p_{c}" for c in names], "entropy", *[f"vote_{c}" for c in names],
-                *[f"low_{c}" for c in names], *[f"high_{c}" for c in names]])
-    for i, path in enumerate(paths):
-        p = cols["probs"][i]
-        w.writerow([
-            str(path), names[max(range(len(p)), key=p.__getitem__)], *[f"{v:.6f}" for v in p],
-            f"{cols['entropy'][i]:.6f}", *[f"{v:.6f}" for v in cols["votes"][i]],
-            *[f"{v:.6f}" for v in cols["interval_low"][i]], *[f"{v:.6f}" for v in cols["interval_high"][i]],
-        ])
+    text = predictions_csv([str(p) for p in paths], details, model.class_names)
     if args.out:
-        atomic_write_text(args.out, buf.getvalue())
+        atomic_write_text(args.out, text)
         print(f"{len(images)} predictions written to {args.out}")
     else:
-        sys.stdout.write(buf.getvalue())
+        sys.stdout.write(text)
     return 0
 
 
@@ -361,34 +297,11 @@ def _named(path: Path, fn, *args, **kwargs):
         raise DataError(f"{path}: {exc}") from None
 
 
-def _check_samples(args: argparse.Namespace) -> None:
-    for name in ("samples", "steps"):
-        value = getattr(args, name, None)
-        if value is not None and value < 1:
-            raise ConfigError(f"--{name} must be >= 1, got {value}")
-
-
-def _prepare_out_dir(path: Path) -> None:
-    """Create the output folder if its parent exists; one-line errors otherwise."""
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"output path exists and is not a folder: {path}")
-    if not path.is_dir():
-        _check_writable(path)
-        try:
-            path.mkdir()
-        except OSError as exc:
-            raise ConfigError(f"cannot create output folder {path} ({exc.strerror or type(exc).__name__})") from None
-    if not os.access(path, os.W_OK):
-        raise ConfigError(f"output folder is not writable: {path}")
-
-
 def _cmd_explain(args: argparse.Namespace) -> int:
     import torch
 
-    from diffmic.models.diffmic import DiffMIC
+    from diffmic import load_model
 
-    if args.samples < 1:
-        raise ConfigError(f"--samples must be >= 1, got {args.samples}")
     paths, notes = _expand_images(args.images, args.recursive)
     targets = [args.out / f"{path.stem}_explain.png" for path in paths]
     seen: dict[Path, Path] = {}
@@ -397,10 +310,10 @@ def _cmd_explain(args: argparse.Namespace) -> int:
             raise ConfigError(f"{seen[target]} and {path} would both be explained in {target}; "
                               "give images with distinct file names")
         seen[target] = path
-    _prepare_out_dir(args.out)
+    prepare_output_dir(args.out, ConfigError)
     for target in targets:
-        _check_writable(target, [*paths, args.checkpoint])
-    model = DiffMIC.from_checkpoint(args.checkpoint)
+        check_output_file(target, ConfigError, [*paths, args.checkpoint])
+    model = load_model(args.checkpoint)
     images = _load_images(paths, model.image_spec)  # fail on a bad file before writing anything
     for note in notes:
         print(note, file=sys.stderr)
@@ -418,17 +331,9 @@ def _cmd_explain(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    if args.samples is not None and args.samples < 1:
-        raise ConfigError(f"--samples must be >= 1, got {args.samples}")
-    if not args.run_dir.is_dir():
-        raise ConfigError(f"run folder not found: {args.run_dir}")
-    if not (args.run_dir / "model.pt").is_file():  # checked before importing torch and matplotlib
-        from diffmic.errors import CheckpointError
-
-        raise CheckpointError(f"{args.run_dir / 'model.pt'} not found: {args.run_dir} is not a finished "
-                              "diffmic run folder")
     if args.out:  # the run folder's files (model, config, metrics, split, logs) are its inputs
-        _check_writable(args.out, [p for p in args.run_dir.rglob("*") if p.is_file() and p.suffix != ".html"])
+        check_output_file(args.out, ConfigError,
+                          [p for p in args.run_dir.rglob("*") if p.is_file() and p.suffix != ".html"])
     from diffmic.evaluation.html_report import write_report
 
     path = write_report(args.run_dir, args.out, samples=args.samples, seed=args.seed)
@@ -444,14 +349,11 @@ def _cmd_config(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     if args.format.lower() != "onnx":
         raise ConfigError(f"unsupported export format {args.format!r}; supported: onnx")
-    for flag, value in (("--samples", args.samples), ("--steps", args.steps), ("--batch-size", args.batch_size)):
-        if value is not None and value < 1:
-            raise ConfigError(f"{flag} must be >= 1, got {value}")
-    _check_writable(args.out, [args.checkpoint])  # before the (slow) checkpoint load and export
+    check_output_file(args.out, ConfigError, [args.checkpoint])  # before the (slow) checkpoint load and export
+    from diffmic import load_model
     from diffmic.export import export_onnx
-    from diffmic.models.diffmic import DiffMIC
 
-    model = DiffMIC.from_checkpoint(args.checkpoint)
+    model = load_model(args.checkpoint)
     path = export_onnx(model, args.out, samples=args.samples, num_steps=args.steps, batch_size=args.batch_size)
     steps = args.steps or model.sampling_steps
     batch = "B" if args.batch_size is None else str(args.batch_size)
@@ -460,11 +362,6 @@ def _cmd_export(args: argparse.Namespace) -> int:
           f"({args.samples}, {batch}, {model.num_classes}) -> probs, prior, y0; DDIM {steps} steps, eta=0, "
           f"batch {'dynamic' if args.batch_size is None else 'fixed'}")
     return 0
-
-
-def _check_writable(path: Path, inputs: Sequence[str | Path] = ()) -> None:
-    """One-line ConfigError unless ``path`` can be written and is none of the command's ``inputs``."""
-    check_output_file(path, ConfigError, inputs)
 
 
 COMMANDS = {

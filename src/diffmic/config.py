@@ -1,7 +1,8 @@
 """Typed configuration: dataclasses, YAML load/save, dotted overrides and validation.
 
-The config tree is read in exactly one place per consumer (``build_model``, the data builders,
-the Lightning module); networks never see it.
+The dataclasses are frozen: a config is validated once, when it is built, and never changes
+afterwards; derive a changed copy with :func:`replace` (validated again). Networks never see the
+config: ``build_model`` reads it for them.
 """
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ from typing import Any
 
 import yaml
 
+from diffmic._io import atomic_write_text
 from diffmic.errors import ConfigError
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataConfig:
     """Where the images are and how they are read, split and augmented."""
 
@@ -49,7 +51,7 @@ class DataConfig:
     rotation: float = 15.0  # degrees, uniform in [-rotation, rotation]
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelConfig:
     """Networks: the DCG guidance network and the conditional label denoiser."""
 
@@ -66,9 +68,13 @@ class ModelConfig:
     feature_dim: int = 6144  # denoiser hidden width
     share_encoder: bool = False  # denoiser reuses the DCG global features (no own encoder)
     denoiser_skip: bool = False  # learnable ε̂ += c(t)(y_t − ŷ), MMSE-initialised (not in the original)
+    denoiser_dropout: float = 0.0  # dropout on the denoiser's hidden layers (training only)
+    # Saliency map the ROI crops are chosen on: class_sum (GMIC: sum of min-max normalised class
+    # maps) | top_class (the map of the prior's top class) | prior_weighted (maps weighted by the prior)
+    roi_saliency: str = "class_sum"
 
 
-@dataclass
+@dataclass(frozen=True)
 class DiffusionConfig:
     """Label-space diffusion schedule and the inference sampler."""
 
@@ -81,7 +87,7 @@ class DiffusionConfig:
     eta: float = 0.0  # DDIM stochasticity (0 = deterministic)
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     """Optimisation, model selection and run bookkeeping."""
 
@@ -94,6 +100,14 @@ class TrainConfig:
     grad_clip: float = 1.0
     dcg_lr: float = 2e-4
     dcg_weight_decay: float = 0.0
+    # DCG pre-training schedule: constant (the original) | warmup_cosine (per iteration, as the
+    # plain classifier: linear warm-up over dcg_warmup_epochs, cosine to 0 at the end of pre-training)
+    dcg_schedule: str = "constant"
+    dcg_warmup_epochs: float = 1.0
+    dcg_joint_lr: float | None = None  # DCG learning rate in the joint phase (None: dcg_lr)
+    # Cross-fitted priors: >= 2 trains k fold DCGs (each on the other folds' images, for
+    # dcg_pretrain_epochs) and feeds the denoiser out-of-fold priors; 0 = in-sample priors.
+    crossfit_folds: int = 0
     joint_train: bool = True  # one DCG cross-entropy step after every diffusion step
     aux_loss: str = "fused"  # fused (original) | all (fused + global + local CE)
     mmd_weight: float = 0.5
@@ -112,16 +126,18 @@ class TrainConfig:
     progress: bool = True
 
 
-@dataclass
+@dataclass(frozen=True)
 class EvalConfig:
     """Inference options."""
 
     samples: int = 1  # reverse chains per image (features computed once)
-    temperature: float = 0.1  # probabilities = mean_s softmax(y0_s / temperature)
+    readout: str = "mean_softmax"  # mean_path | vote | mean_softmax (diffmic.diffusion.readout)
+    temperature: float = 0.1  # softmax temperature on y0 (see the readout)
+    fit_temperature: bool = False  # mean_path: replace the temperature by one fitted on val after training
     seed: int = 0
 
 
-@dataclass
+@dataclass(frozen=True)
 class DiffMICConfig:
     """The full, resolved configuration of a run."""
 
@@ -140,7 +156,7 @@ class DiffMICConfig:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(self.to_yaml())
+        atomic_write_text(path, self.to_yaml())
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None, *, source: str = "config") -> DiffMICConfig:
@@ -190,6 +206,15 @@ class DiffMICConfig:
         _choice("diffusion.sampler", df.sampler, ("ddim", "ancestral", "truncated"))
         _choice("train.aux_loss", t.aux_loss, ("fused", "all"))
         _choice("train.select_metric", t.select_metric, ("acc", "f1", "qwk", "auroc"))
+        _choice("train.dcg_schedule", t.dcg_schedule, ("constant", "warmup_cosine"))
+        _choice("eval.readout", e.readout, ("mean_path", "vote", "mean_softmax"))
+        _choice("model.roi_saliency", m.roi_saliency, ("class_sum", "top_class", "prior_weighted"))
+        if not 0.0 <= m.denoiser_dropout < 1.0:
+            raise ConfigError(f"model.denoiser_dropout must be in [0, 1), got {m.denoiser_dropout}")
+        if t.crossfit_folds == 1 or t.crossfit_folds < 0:
+            raise ConfigError(f"train.crossfit_folds must be 0 (off) or >= 2, got {t.crossfit_folds}")
+        if t.crossfit_folds and t.dcg_pretrain_epochs == 0:
+            raise ConfigError("train.crossfit_folds needs train.dcg_pretrain_epochs > 0 (the fold DCGs' budget)")
         _positive("data.batch_size", d.batch_size)
         _positive("data.eval_batch_size", d.eval_batch_size)
         _positive("diffusion.timesteps", df.timesteps)
@@ -282,6 +307,11 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
     if hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise ConfigError(f"{where}: expected a number, got {value!r}")
     if hint is str:
         if isinstance(value, str):

@@ -18,17 +18,17 @@ import importlib
 import io
 import json
 import logging
-import os
 import warnings
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from diffmic._io import check_output_file
+from diffmic._io import atomic_path, check_output_file
 from diffmic.diffusion.sampling import ddim_timesteps, sample_ddim
 from diffmic.errors import ConfigError, DiffMICError, ExportError
-from diffmic.models.diffmic import DiffMIC, probs_from_y0
+from diffmic.diffusion.readout import mean_softmax_probs, vote_probs
+from diffmic.models.diffmic import DiffMIC
 
 INSTALL_HINT = "pip install 'diffmic[export]'"
 INPUT_NAMES = ("images", "noise")
@@ -51,7 +51,9 @@ class DiffMICInference(nn.Module):
         noise: float (S, B, C) standard normal starting noise, chain s of image i at ``[s, i]``.
 
     Outputs:
-        probs (B, C): mean over the S chains of softmax(y_0 / temperature);
+        probs (B, C): the checkpoint's readout: mean over the S chains of softmax(y_0 / temperature)
+            (``mean_softmax``; also ``mean_path`` when ``noise`` is zeros with S = 1, the
+            deterministic path), or the majority vote (``vote``);
         prior (B, C): the DCG prior softmax(½(g + l)); y0 (S, B, C): the sampled y_0.
 
     With the checkpoint's DDIM sampler at η = 0, ``model(model.normalize(images), samples=S,
@@ -82,7 +84,10 @@ class DiffMICInference(nn.Module):
         y0 = sample_ddim(m.schedule, denoise_fn, prior_s, self.num_steps, eta=0.0,
                          noise=noise.reshape(s * b, c))
         y0 = y0.reshape(s, b, c)
-        return probs_from_y0(y0, m.temperature), prior, y0
+        # vote: majority over the S chains; mean_path (noise = zeros, S = 1) and mean_softmax:
+        # mean over the chains of softmax(y_0 / T), which for the mean path is softmax(y_0 / T).
+        read = vote_probs if m.readout == "vote" else mean_softmax_probs
+        return read(y0, m.temperature), prior, y0
 
 
 def _require(*modules: str) -> None:
@@ -123,6 +128,7 @@ def _metadata(model: DiffMIC, samples: int, num_steps: int, batch_size: int | No
         "diffmic.num_steps": str(num_steps),
         "diffmic.eta": "0",
         "diffmic.temperature": repr(float(model.temperature)),
+        "diffmic.readout": model.readout,
         "diffmic.batch_size": "dynamic" if batch_size is None else str(batch_size),
     }
 
@@ -225,13 +231,13 @@ def export_onnx(
 
     was_training = model.training
     model.eval()
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     log_disabled = logging.root.manager.disable
     try:
         # The exporter prints progress, logs its graph rewrites at INFO and raises many harmless
         # warnings: silence them so the CLI prints one line.
         logging.disable(logging.INFO)
-        with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        with atomic_path(path) as tmp, torch.no_grad(), warnings.catch_warnings(), \
+                contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
             try:
                 program = torch.onnx.export(
@@ -265,13 +271,9 @@ def export_onnx(
                 if batch_size is None:
                     checks.append(_example_inputs(model, samples, 3, seed=1))
                 _verify(tmp, wrapper, checks, tolerance)
-        try:
-            os.replace(tmp, path)
-        except OSError as exc:
-            raise ExportError(f"cannot write {path} ({exc.strerror or type(exc).__name__})") from exc
+    except OSError as exc:  # renaming the verified file over ``path``
+        raise ExportError(f"cannot write {path} ({exc.strerror or type(exc).__name__})") from exc
     finally:
         logging.disable(log_disabled)
         model.train(was_training)
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
     return path

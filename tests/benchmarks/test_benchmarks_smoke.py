@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 import torch
 
+pytestmark = pytest.mark.train
+
 REPO = Path(__file__).resolve().parents[2]
 
 TINY_CONFIG = """
@@ -85,9 +87,13 @@ def test_accuracy_and_speed_smoke(tiny: dict[str, Path], keep_threads: None) -> 
         assert run["fit_seconds"] >= 0 and run["wall_seconds"] >= 0
     diffmic = next(r for r in result["runs"] if r["method"] == "diffmic")
     assert set(diffmic["test_guidance"]) >= {"acc", "auroc"}
+    assert set(diffmic["test_readouts"]) == {"mean_path", "vote", "mean_softmax"}
     summary = result["summary"]["retinamnist"]
-    assert set(summary) == {"classifier", "dcg", "diffmic", "diffmic (DCG head)"}
+    assert {"classifier", "dcg", "diffmic", "diffmic (DCG head)", "diffmic (diffusion − prior)",
+            "diffmic [mean_path]", "diffmic [vote] − prior"} <= set(summary)
     assert summary["diffmic"]["acc"]["n"] == 1 and summary["diffmic"]["seeds"] == 1
+    paired = summary["diffmic (diffusion − prior)"]["acc"]["mean"]
+    assert paired == pytest.approx(diffmic["test"]["acc"] - diffmic["test_guidance"]["acc"])
 
     text = tiny["docs"].read_text()
     assert "Hand-written intro that must survive." in text
@@ -95,6 +101,18 @@ def test_accuracy_and_speed_smoke(tiny: dict[str, Path], keep_threads: None) -> 
     section = text.split("<!-- accuracy:start -->")[1].split("<!-- accuracy:end -->")[0]
     assert "| retinamnist | diffmic |" in section and "| retinamnist | classifier |" in section
     assert "published, not re-measured" in section and "0.524" in section  # MedMNIST v2 ResNet-18 (28)
+    assert "| retinamnist | diffmic | " in section.split("Readouts of the same DiffMIC runs")[1]
+
+    # The same command again finds every run finished and trains nothing.
+    before = out.read_text()
+    rc = accuracy.main([
+        "--data-dir", str(tiny["data"]), "--config", str(tiny["config"]), "--seeds", "0", "--epochs", "1",
+        "--out", str(out), "--no-docs", "--threads", "1", "--rows", "classifier", "dcg", "diffmic",
+    ])
+    assert rc == 0
+    again = json.loads(out.read_text())
+    assert [(r["row"], r["fit_seconds"]) for r in again["runs"]] == \
+        [(r["row"], r["fit_seconds"]) for r in json.loads(before)["runs"]]
 
     out = tiny["tmp"] / "speed.json"
     rc = speed.main([

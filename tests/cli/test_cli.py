@@ -35,6 +35,7 @@ def test_version_and_help(capsys):
         assert ("example:" in out or "examples:" in out) and f"diffmic {cmd}" in out.split("example")[-1], cmd
 
 
+@pytest.mark.subprocess
 def test_console_script_entry_point():
     out = subprocess.run([sys.executable, "-m", "diffmic", "--version"], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.startswith("diffmic ")

@@ -71,7 +71,7 @@ def c_bad_split_choice(t, e):
 
 
 def c_non_integer_samples(t, e):
-    return ["predict", "--checkpoint", e["ckpt"], e["png"], "--samples", "many"], "invalid int", []
+    return ["predict", "--checkpoint", e["ckpt"], e["png"], "--samples", "many"], "expected an integer >= 1", []
 
 
 def c_unknown_section(t, e):

@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 from conftest import TINY_OVERRIDES
 from PIL import Image
 
 from diffmic.cli import main
+
+pytestmark = pytest.mark.train
 
 
 def _make_folder_dataset(root, per_class=16, size=32):

@@ -16,6 +16,7 @@ import torch
 from conftest import TINY_OVERRIDES
 from PIL import Image
 
+from diffmic import load_model, save_model
 from diffmic.config import DiffMICConfig
 from diffmic.data.registry import build_data
 from diffmic.images import ImageSpec, load_image
@@ -233,7 +234,7 @@ def test_cli_predict_feeds_the_training_tensor(built, layout, tmp_path, monkeypa
 
     module, data, image_id, f = built(layout, "gray16")
     ckpt = tmp_path / "model.pt"
-    module.model.save(ckpt)
+    save_model(module.model, ckpt)
     seen = []
     real = DiffMIC.preprocess
 
@@ -291,10 +292,26 @@ def test_medmnist_arrays_and_pngs(tmp_path):
 def test_old_checkpoint_without_spec_derives_it_from_the_config(built, tmp_path):
     module, *_ = built("isic2018", "rgb8")
     path = tmp_path / "m.pt"
-    module.model.save(path)
+    save_model(module.model, path)
     payload = torch.load(path, weights_only=True)
     assert ImageSpec.from_dict(payload["model_args"]["image_spec"]) == module.model.image_spec
     del payload["model_args"]["image_spec"]  # what the previous version wrote
     torch.save(payload, tmp_path / "old.pt")
-    old = DiffMIC.from_checkpoint(tmp_path / "old.pt")
+    old = load_model(tmp_path / "old.pt")
     assert old.image_spec == module.model.image_spec and old.image_spec.center_crop
+
+
+def test_checkpoint_with_a_tampered_spec_is_one_clear_error(built, tmp_path):
+    from diffmic.errors import CheckpointError
+
+    module, *_ = built("isic2018", "rgb8")
+    save_model(module.model, tmp_path / "m.pt")
+    payload = torch.load(tmp_path / "m.pt", weights_only=True)
+    payload["model_args"]["image_spec"]["size"] = SIZE + 1
+    torch.save(payload, tmp_path / "bad.pt")
+    with pytest.raises(CheckpointError, match="bad.pt.*image_spec"):
+        load_model(tmp_path / "bad.pt")
+    payload["model_args"]["image_spec"] = {"size": SIZE}
+    torch.save(payload, tmp_path / "bad2.pt")
+    with pytest.raises(CheckpointError, match="bad2.pt: invalid image_spec"):
+        load_model(tmp_path / "bad2.pt")

@@ -237,12 +237,22 @@ def split(n, seed):
 
 
 def test_evaluate_without_calibration_is_unchanged(tiny_model):
-    report = evaluate(tiny_model, split(24, 1), samples=1, seed=0)
+    report = evaluate(tiny_model, split(24, 1), samples=1, seed=0, compare_readouts=False)
     assert report.uncertainty is None
     assert "uncertainty" not in report.to_dict()
     assert set(report.to_dict()) == {"split", "num_images", "class_names", "guidance", "diffusion",
                                      "per_class", "confusion_matrix", "guidance_confusion_matrix",
                                      "settings"}
+
+
+def test_evaluate_reports_every_readout_side_by_side(tiny_model):
+    data = split(24, 1)
+    report = evaluate(tiny_model, data, samples=3, seed=0)
+    assert set(report.readouts) == {"mean_path", "vote", "mean_softmax"}
+    # the shipped readout's entry is the diffusion section, computed from the same chains
+    assert report.readouts[tiny_model.readout] == report.diffusion
+    alone = evaluate(tiny_model, data, samples=3, seed=0, compare_readouts=False)
+    assert alone.diffusion == report.diffusion
 
 
 def test_evaluate_calibrate_on_val(tiny_model):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 import re
 
 import numpy as np
@@ -12,17 +13,18 @@ import torch
 from conftest import TINY_OVERRIDES
 from PIL import Image
 
+from diffmic import load_model, save_model
 from diffmic.cli import main
 from diffmic.config import DiffMICConfig
 from diffmic.data.base import DataBundle, ImageArray
 from diffmic.data.registry import build_data
+from diffmic.errors import ConfigError
 from diffmic.evaluation.html_report import write_report
 from diffmic.evaluation.metrics import METRIC_NAMES
 from diffmic.evaluation.report import evaluate
-from diffmic.models.diffmic import DiffMIC
 from diffmic.training.api import train
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.train]
 
 SECTIONS = [
     "Metrics: DCG alone vs diffusion",
@@ -88,12 +90,12 @@ def test_report_is_self_contained(run, page):
     lowered = page.lower()
     for external in ("<script", "<link", "@import", "url(", "<iframe"):
         assert external not in lowered, external
-    assert not list(run[0].glob("*.tmp"))  # written atomically
+    assert not list(run[0].glob("*.partial"))  # the temporary file was renamed
 
 
 def test_report_metrics_match_an_independent_evaluation(run, page):
     run_dir, cfg, full, _ = run
-    model = DiffMIC.from_checkpoint(run_dir / "model.pt")
+    model = load_model(run_dir / "model.pt")
     kw = {"batch_size": cfg.data.eval_batch_size, "samples": cfg.eval.samples, "seed": 0}
     reports = {"val": evaluate(model, full.val, split="val", **kw),
                "test": evaluate(model, full.test, split="test", calibrate_on=full.val, **kw)}
@@ -134,14 +136,14 @@ def test_report_model_card(run, page):
     assert "backbone: test_resnet" in yaml_block and "epochs: 1" in yaml_block
 
 
-def test_write_report_api_escapes_text_and_tolerates_missing_logs(run, tmp_path):
+def test_write_report_api_escapes_text_and_tolerates_missing_logs(run, tmp_path, monkeypatch):
     run_dir, _, _, small = run
-    model = DiffMIC.from_checkpoint(run_dir / "model.pt")
+    model = load_model(run_dir / "model.pt")
     model.class_names = ["<script>alert(1)</script>", "a & b"]
     model.config["data"]["class_names"] = list(model.class_names)
     other = tmp_path / "copy"
     other.mkdir()
-    model.save(other / "model.pt", extra={"selected_epoch": 1})  # no logs/, no metrics.json
+    save_model(model, other / "model.pt", extra={"selected_epoch": 1})  # no logs/, no metrics.json
     out = write_report(other, tmp_path, data=small, samples=1, examples=2)
     assert out == tmp_path / "report.html" and out.is_file()
     page = out.read_text(encoding="utf-8")
@@ -150,3 +152,12 @@ def test_write_report_api_escapes_text_and_tolerates_missing_logs(run, tmp_path)
     assert "No training log in this run folder" in page
     assert f"test ({len(small.test)})" in page
     assert page.count("data:image/png;base64,") >= 5
+
+    def disk_full(fd):  # the page is in the temporary file, then flushing it to disk fails
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(ConfigError, match="cannot write"):
+        write_report(other, tmp_path, data=small, samples=1, examples=2)
+    assert out.read_text(encoding="utf-8") == page  # the previous report, intact
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["copy", "report.html"]

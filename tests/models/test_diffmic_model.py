@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from diffmic import load_model, save_model
 from diffmic.config import DiffMICConfig
 from diffmic.errors import CheckpointError, DataError
 from diffmic.models import DiffMIC, build_model, probs_from_y0
@@ -336,12 +337,12 @@ def test_predict_proba_rejects_wrong_rank_or_type(model3, bad):
 @pytest.fixture(scope="module")
 def saved(model3, tmp_path_factory):
     path = tmp_path_factory.mktemp("ckpt") / "model.pt"
-    model3.save(path)
+    save_model(model3, path)
     return path
 
 
 def test_checkpoint_round_trip_identical_predictions(model3, saved):
-    loaded = DiffMIC.from_checkpoint(saved)
+    loaded = load_model(saved)
     assert not loaded.training
     x = rand_images(3, 3, 28, seed=7)
     torch.testing.assert_close(loaded.predict_proba(x, generator=gen(3)), model3.predict_proba(x, generator=gen(3)),
@@ -363,21 +364,21 @@ def test_checkpoint_loads_with_weights_only(saved):
 
 def test_missing_checkpoint(tmp_path):
     with pytest.raises(CheckpointError, match="not found"):
-        DiffMIC.from_checkpoint(tmp_path / "nope.pt")
+        load_model(tmp_path / "nope.pt")
 
 
 def test_random_bytes_checkpoint(tmp_path):
     p = tmp_path / "junk.pt"
     p.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
     with pytest.raises(CheckpointError):
-        DiffMIC.from_checkpoint(p)
+        load_model(p)
 
 
 def test_empty_checkpoint(tmp_path):
     p = tmp_path / "empty.pt"
     p.write_bytes(b"")
     with pytest.raises(CheckpointError):
-        DiffMIC.from_checkpoint(p)
+        load_model(p)
 
 
 @pytest.mark.parametrize("content", [
@@ -391,7 +392,7 @@ def test_garbage_checkpoint(tmp_path, content):
     p = tmp_path / "garbage.pt"
     p.write_bytes(content)
     with pytest.raises(CheckpointError):
-        DiffMIC.from_checkpoint(p)
+        load_model(p)
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
@@ -401,7 +402,7 @@ def test_many_random_short_byte_strings(tmp_path):
     for _ in range(40):  # the unpickler fails with many exception types on garbage
         p.write_bytes(rng.integers(0, 256, int(rng.integers(1, 200)), dtype=np.uint8).tobytes())
         with pytest.raises(CheckpointError):
-            DiffMIC.from_checkpoint(p)
+            load_model(p)
 
 
 @pytest.mark.parametrize("drop", ["config", "model_args", "state_dict"])
@@ -411,7 +412,7 @@ def test_incomplete_payload(saved, tmp_path, drop):
     p = tmp_path / "incomplete.pt"
     torch.save(payload, p)
     with pytest.raises(CheckpointError):
-        DiffMIC.from_checkpoint(p)
+        load_model(p)
 
 
 def test_incomplete_model_args(saved, tmp_path):
@@ -420,7 +421,7 @@ def test_incomplete_model_args(saved, tmp_path):
     p = tmp_path / "incomplete_args.pt"
     torch.save(payload, p)
     with pytest.raises(CheckpointError):
-        DiffMIC.from_checkpoint(p)
+        load_model(p)
 
 
 @pytest.mark.parametrize("fraction", [0.5, 0.9, 0.1])
@@ -429,18 +430,18 @@ def test_truncated_checkpoint(saved, tmp_path, fraction):
     p = tmp_path / "trunc.pt"
     p.write_bytes(data[: int(len(data) * fraction)])
     with pytest.raises(CheckpointError):
-        DiffMIC.from_checkpoint(p)
+        load_model(p)
 
 
 def test_checkpoint_not_a_dict_or_no_marker(tmp_path):
     p = tmp_path / "list.pt"
     torch.save([1, 2, 3], p)
     with pytest.raises(CheckpointError):
-        DiffMIC.from_checkpoint(p)
+        load_model(p)
     p = tmp_path / "nomarker.pt"
     torch.save({"state_dict": {}}, p)
     with pytest.raises(CheckpointError):
-        DiffMIC.from_checkpoint(p)
+        load_model(p)
 
 
 def test_tampered_num_classes_raises(saved, tmp_path):
@@ -451,7 +452,7 @@ def test_tampered_num_classes_raises(saved, tmp_path):
     p = tmp_path / "tampered.pt"
     torch.save(bad, p)
     with pytest.raises(CheckpointError, match="do not match"):
-        DiffMIC.from_checkpoint(p)
+        load_model(p)
 
 
 def test_tampered_config_raises(saved, tmp_path):
@@ -461,7 +462,7 @@ def test_tampered_config_raises(saved, tmp_path):
     p = tmp_path / "tampered_cfg.pt"
     torch.save(bad, p)
     with pytest.raises(CheckpointError):
-        DiffMIC.from_checkpoint(p)
+        load_model(p)
 
 
 def test_missing_state_key_raises(saved, tmp_path):
@@ -472,11 +473,27 @@ def test_missing_state_key_raises(saved, tmp_path):
     p = tmp_path / "missing_key.pt"
     torch.save(payload, p)
     with pytest.raises(CheckpointError):
-        DiffMIC.from_checkpoint(p)
+        load_model(p)
 
 
-def test_save_is_atomic_no_tmp_left(model3, tmp_path):
+def test_save_round_trips_extra(model3, tmp_path):
     p = tmp_path / "m.pt"
-    model3.save(p, extra={"epoch": 3})
-    assert p.is_file() and not (tmp_path / "m.pt.tmp").exists()
+    save_model(model3, p, extra={"epoch": 3})
     assert torch.load(p, weights_only=True)["extra"] == {"epoch": 3}
+    assert list(tmp_path.iterdir()) == [p]
+
+
+def test_failed_save_keeps_the_previous_checkpoint(model3, tmp_path, monkeypatch):
+    p = tmp_path / "m.pt"
+    save_model(model3, p, extra={"epoch": 3})
+    before = p.read_bytes()
+
+    def disk_full(obj, f, *args, **kwargs):  # half a checkpoint reaches the disk, then the write fails
+        f.write(before[: len(before) // 2])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        save_model(model3, p, extra={"epoch": 4})
+    assert p.read_bytes() == before  # the previous checkpoint, complete
+    assert list(tmp_path.iterdir()) == [p]  # and no temporary file left behind

@@ -252,3 +252,41 @@ def test_crop_batch_meta_device():
     corners = torch.zeros(2, 4, 2, dtype=torch.long, device="meta")
     out = crop_batch(images, corners, (4, 5))
     assert out.device.type == "meta" and out.shape == (2, 4, 3, 4, 5)
+
+
+# --------------------------------------------------------------------------- saliency modes
+def _binary_cam() -> torch.Tensor:
+    """Two-class softmax-style maps: the learned parts are negatives of each other (a hot spot at
+    (1, 4) for class 1), plus a per-class constant offset that is all a summed map keeps."""
+    hot = torch.zeros(6, 6)
+    hot[1, 4] = 3.0
+    hot[4, 1] = 1.0
+    return torch.stack([0.7 - hot, 0.2 + hot]).unsqueeze(0)  # (1, 2, 6, 6)
+
+
+def test_class_sum_flattens_opposite_binary_maps_and_top_class_keeps_the_hot_spot():
+    from diffmic.models.roi import saliency_map
+
+    cam = _binary_cam()
+    probs = torch.tensor([[0.1, 0.9]])
+    summed = saliency_map(cam, probs, "class_sum")
+    # min-max of x and of -x sum to a constant: GMIC's rule leaves nothing to choose crops on
+    torch.testing.assert_close(summed, torch.full_like(summed, 1.0))
+    top = saliency_map(cam, probs, "top_class")
+    assert picks(top[0], (1, 1), 2) == [(1, 4), (4, 1)]
+    weighted = saliency_map(cam, probs, "prior_weighted")
+    assert picks(weighted[0], (1, 1), 1) == [(1, 4)]
+    # the weights are the class probabilities: a confident class-0 prior looks at class 0's map
+    flipped = saliency_map(cam, torch.tensor([[1.0, 0.0]]), "prior_weighted")
+    assert flipped[0, 1, 4] == flipped[0].min()
+
+
+def test_saliency_map_top_class_follows_each_image_and_rejects_unknown_modes():
+    from diffmic.models.roi import saliency_map
+
+    cam = torch.cat([_binary_cam(), _binary_cam()])
+    probs = torch.tensor([[0.2, 0.8], [0.8, 0.2]])
+    s = saliency_map(cam, probs, "top_class")
+    assert s[0, 1, 4] == s[0].max() and s[1, 1, 4] == s[1].min()
+    with pytest.raises(ValueError, match="unknown saliency mode"):
+        saliency_map(cam, probs, "nope")

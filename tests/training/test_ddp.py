@@ -14,9 +14,11 @@ import pytest
 import torch
 from conftest import TINY_OVERRIDES, shared_file
 
+from diffmic import load_model
 from diffmic.data.medmnist import read_medmnist
 from diffmic.evaluation.metrics import classification_metrics
-from diffmic.models.diffmic import DiffMIC
+
+pytestmark = [pytest.mark.ddp, pytest.mark.train, pytest.mark.subprocess]
 
 SCRIPT = textwrap.dedent(
     """
@@ -80,7 +82,7 @@ def test_validation_metrics_cover_the_split_exactly_once(ddp_run):
     assert {float(r["val/num_images"]) for r in rows} == {33.0}
     # the DCG validation accuracy logged by the 2 ranks equals a single-process pass over the split
     last = rows[-1]
-    model = DiffMIC.from_checkpoint(base / "run" / "checkpoints" / "last.ckpt").eval()
+    model = load_model(base / "run" / "checkpoints" / "last.ckpt").eval()
     val = read_medmnist(data).val
     with torch.no_grad():
         x = model.preprocess(val.images)
@@ -93,5 +95,8 @@ def test_validation_metrics_cover_the_split_exactly_once(ddp_run):
 def test_main_process_wrote_the_run(ddp_run):
     base, _ = ddp_run
     metrics = json.loads((base / "run" / "metrics.json").read_text())
-    assert metrics["test"]["diffusion"]["acc"] >= 0.0
+    test = metrics["test"]
+    cm = np.asarray(test["confusion_matrix"])
+    assert cm.sum() == test["num_images"] == 40  # every test image once, no sampler padding
+    assert test["diffusion"]["acc"] == pytest.approx(np.trace(cm) / cm.sum())
     assert (base / "run" / "model.pt").is_file()

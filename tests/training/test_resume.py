@@ -96,6 +96,8 @@ def runs(small_npz, tmp_path_factory):
     return reference, killed, state, resumed
 
 
+@pytest.mark.train
+@pytest.mark.subprocess
 def test_killed_run_left_complete_checkpoints_only(runs):
     _, _, state, _ = runs
     assert state["epoch_after_kill"] == 1  # epochs 0 and 1 completed before the kill in epoch 2
@@ -103,6 +105,8 @@ def test_killed_run_left_complete_checkpoints_only(runs):
     assert all(name.endswith(".ckpt") for name in state["files_after_kill"]), state["files_after_kill"]
 
 
+@pytest.mark.train
+@pytest.mark.subprocess
 def test_resumed_run_finishes_with_continuous_steps(runs):
     reference, killed, _, resumed = runs
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -122,6 +126,8 @@ def test_resumed_run_finishes_with_continuous_steps(runs):
     assert sorted({int(r["epoch"]) for r in res_rows}) == [0, 1, 2, 3]
 
 
+@pytest.mark.train
+@pytest.mark.subprocess
 def test_resumed_run_equals_uninterrupted_run(runs):
     """Optimiser, EMA and RNG states are restored: the resumed run reproduces the uninterrupted one."""
     reference, killed, _, _ = runs
@@ -174,7 +180,7 @@ def test_remove_partial_files(tmp_path):
 def test_find_resumable_run(tmp_path):
     import time
 
-    from diffmic.config import DiffMICConfig
+    from diffmic.config import DiffMICConfig, replace
     from diffmic.training.api import find_resumable_run
 
     def make(name, *, finished=False, ckpt=True):
@@ -197,5 +203,4 @@ def test_find_resumable_run(tmp_path):
     assert find_resumable_run(cfg) == newest
     named = DiffMICConfig.from_yaml(None, [f"train.out_dir={tmp_path}", "train.run_name=retina-20261126-010000"])
     assert find_resumable_run(named) == tmp_path / "retina-20261126-010000"
-    named.train.run_name = "retina-20261126-030000"
-    assert find_resumable_run(named) is None
+    assert find_resumable_run(replace(named, train={"run_name": "retina-20261126-030000"})) is None

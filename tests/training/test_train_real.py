@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 import torch
 
+from diffmic import load_model, save_model
 from diffmic.config import DiffMICConfig
-from diffmic.models.diffmic import DiffMIC
 from diffmic.training.api import train
+
+pytestmark = pytest.mark.train
 
 
 @pytest.fixture(scope="module")
@@ -50,14 +52,14 @@ def test_beats_majority_class_on_test(trained_run):
 def test_checkpoint_round_trip_identical_predictions(trained_run, tmp_path):
     result, path = trained_run
     images = np.load(path)["test_images"][:32]
-    a = DiffMIC.from_checkpoint(result.model_path)
-    a.save(tmp_path / "copy.pt")
-    b = DiffMIC.from_checkpoint(tmp_path / "copy.pt")
+    a = load_model(result.model_path)
+    save_model(a, tmp_path / "copy.pt")
+    b = load_model(tmp_path / "copy.pt")
     pa = a.predict_proba(images, samples=4, generator=torch.Generator().manual_seed(3))
     pb = b.predict_proba(images, samples=4, generator=torch.Generator().manual_seed(3))
     assert torch.equal(pa, pb)
     # the Lightning checkpoint gives the same model as model.pt
-    c = DiffMIC.from_checkpoint(result.checkpoint)
+    c = load_model(result.checkpoint)
     pc = c.predict_proba(images, samples=4, generator=torch.Generator().manual_seed(3))
     assert torch.equal(pa, pc)
     payload = torch.load(result.model_path, weights_only=True)

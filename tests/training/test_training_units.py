@@ -72,6 +72,7 @@ def _synthetic_bundle(n=48, size=28, classes=3, seed=0):
     return DataBundle(split(n), split(24), split(24), [f"c{i}" for i in range(classes)], source="synthetic")
 
 
+@pytest.mark.train
 def test_fit_never_reads_the_test_split(tmp_path, monkeypatch):
     from diffmic.training import api
     from diffmic.training.datamodule import ArrayDataModule

@@ -12,7 +12,6 @@ import csv
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from diffmic._io import atomic_write, atomic_write_text
 from diffmic.config import DataConfig
 from diffmic.errors import DataError
 from diffmic.images import DECODE_ERRORS, ImageSpec, decode_image, image_to_array
@@ -171,14 +171,8 @@ def _cache_write(
 ) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".npy.tmp")
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, arrays, allow_pickle=False)
-        os.replace(tmp, folder / f"{key}.npy")
-        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".json.tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump({"kept": kept, "skipped": skipped, "hashes": hashes}, f)
-        os.replace(tmp, folder / f"{key}.json")
+        atomic_write(folder / f"{key}.npy", lambda f: np.save(f, arrays, allow_pickle=False))
+        atomic_write_text(folder / f"{key}.json", json.dumps({"kept": kept, "skipped": skipped, "hashes": hashes}))
     except OSError as exc:
         warnings.warn(f"image cache disabled: cannot write to {folder} ({exc})", stacklevel=3)
 

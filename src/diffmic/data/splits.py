@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from diffmic._io import atomic_write_text
 from diffmic.config import DataConfig
 from diffmic.data.base import DataBundle, ImageArray, check_labels
 from diffmic.data.files import default_cache_dir, image_spec, load_images
@@ -99,7 +100,7 @@ def save_split(path: str | Path, split: dict[str, np.ndarray], ids: Sequence[str
         data[name] = [ids[int(i)] for i in split.get(name, [])]
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(json.dumps(data, indent=1))
+    atomic_write_text(p, json.dumps(data, indent=1))
 
 
 def load_split(path: str | Path) -> dict[str, list[str]]:

@@ -1,4 +1,5 @@
-"""Pure label-space diffusion math: schedules, samplers and losses (imports torch only)."""
+"""Pure label-space diffusion math: schedules, samplers, readouts, losses and per-image uncertainty
+of the sampled y_0 (imports torch only)."""
 
 from __future__ import annotations
 
@@ -9,22 +10,31 @@ from diffmic.diffusion.sampling import (
     sample,
     sample_ancestral,
     sample_ddim,
+    sample_mean_path,
     sample_truncated,
 )
+from diffmic.diffusion.readout import READOUTS, readout_probs
 from diffmic.diffusion.schedule import BETA_SCHEDULES, CardSchedule, make_betas
+from diffmic.diffusion.uncertainty import class_intervals, predictive_entropy, vote_fractions
 
 __all__ = [
     "BETA_SCHEDULES",
+    "READOUTS",
     "CardSchedule",
     "DenoiseFn",
     "antithetic_timesteps",
+    "class_intervals",
     "ddim_timesteps",
     "diffmic_loss",
     "eps_mse",
     "gaussian_mmd",
     "make_betas",
+    "readout_probs",
+    "predictive_entropy",
     "sample",
     "sample_ancestral",
     "sample_ddim",
+    "sample_mean_path",
     "sample_truncated",
+    "vote_fractions",
 ]

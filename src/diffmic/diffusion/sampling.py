@@ -112,6 +112,16 @@ def sample_ddim(
     raise AssertionError("unreachable")
 
 
+def sample_mean_path(schedule: CardSchedule, denoise_fn: DenoiseFn, prior: Tensor, num_steps: int) -> Tensor:
+    """The deterministic mean path: DDIM with η = 0 started at the prior itself (zero noise).
+
+    r = 0 is the fixed point of the reverse ODE of an ε that is linear in r (the MMSE skip), so an
+    untrained skip denoiser returns the prior exactly; an oracle ε still returns y_0 exactly.
+    Makes ``num_steps`` denoiser calls and draws no random numbers. Returns y_0, (B, C).
+    """
+    return sample_ddim(schedule, denoise_fn, prior, num_steps, eta=0.0, noise=torch.zeros_like(prior))
+
+
 def sample(
     schedule: CardSchedule,
     denoise_fn: DenoiseFn,

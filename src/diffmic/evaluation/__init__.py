@@ -6,6 +6,7 @@ Figures live in :mod:`diffmic.evaluation.plots` and the HTML run report in
 
 from __future__ import annotations
 
+from diffmic.diffusion.uncertainty import class_intervals, predictive_entropy, vote_fractions
 from diffmic.evaluation.calibration import (
     accuracy_at_coverage,
     apply_temperature,
@@ -17,7 +18,6 @@ from diffmic.evaluation.calibration import (
 )
 from diffmic.evaluation.metrics import classification_metrics, confusion_matrix, per_class_table
 from diffmic.evaluation.report import EvalReport, build_report, evaluate, predict_split
-from diffmic.evaluation.uncertainty import class_intervals, predictive_entropy, vote_fractions
 
 __all__ = [
     "EvalReport",

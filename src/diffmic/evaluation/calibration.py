@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from diffmic.evaluation.uncertainty import predictive_entropy
+from diffmic.diffusion.uncertainty import predictive_entropy
 
 DEFAULT_COVERAGES = (1.0, 0.9, 0.8, 0.7, 0.5)
 TEMPERATURE_BOUNDS = (0.01, 100.0)

@@ -14,8 +14,6 @@ import csv
 import datetime as _dt
 import html
 import io
-import json
-import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -25,14 +23,14 @@ import torch
 from torch import Tensor
 
 from diffmic._io import atomic_write_text, check_output_file
+from diffmic._version import __version__
 from diffmic.data.base import DataBundle
-from diffmic.errors import CheckpointError, ConfigError, DataError, DiffMICError
+from diffmic.errors import ConfigError
 from diffmic.evaluation.calibration import apply_temperature
 from diffmic.evaluation.metrics import METRIC_NAMES
-from diffmic.evaluation.report import EvalReport, build_report, predict_split
-from diffmic.models.diffmic import DiffMIC, load_checkpoint_payload
-
-log = logging.getLogger(__name__)
+from diffmic.evaluation.report import EvalReport, RunEvaluation, evaluate_run
+from diffmic.models.diffmic import DiffMIC
+from diffmic.runs import RunDir
 
 REPORT_NAME = "report.html"
 METRIC_LABELS = {"acc": "accuracy", "balanced_acc": "balanced acc.", "f1": "macro F1", "qwk": "QWK",
@@ -91,52 +89,6 @@ def figure_data_uri(fig: Any) -> str:
 def _img(fig: Any, alt: str, caption: str = "") -> str:
     cap = f"<figcaption>{e(caption)}</figcaption>" if caption else ""
     return f'<figure><img alt="{e(alt)}" src="{figure_data_uri(fig)}">{cap}</figure>'
-
-
-# ------------------------------------------------------------------ loading a run
-def _load_model(run_dir: Path) -> tuple[DiffMIC, dict[str, Any]]:
-    model_path = run_dir / "model.pt"
-    if not model_path.is_file():
-        raise CheckpointError(f"{model_path} not found: {run_dir} is not a finished diffmic run folder")
-    model = DiffMIC.from_checkpoint(model_path)
-    extra = load_checkpoint_payload(model_path).get("extra") or {}
-    return model, extra if isinstance(extra, dict) else {}
-
-
-def _read_metrics_json(run_dir: Path) -> dict[str, Any]:
-    path = run_dir / "metrics.json"
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        log.warning("%s: unreadable (%s); its fields are left out of the report", path,
-                    type(exc).__name__)
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def _rebuild_data(model: DiffMIC, run_dir: Path) -> tuple[DataBundle, Any]:
-    """The run's dataset from the checkpoint's config, with the run's own ``split.json`` if any."""
-    from diffmic.config import DiffMICConfig
-    from diffmic.data.registry import build_data
-    from diffmic.data.splits import SPLIT_FILE_NAME
-
-    cfg = DiffMICConfig.from_dict(model.config, source=f"{run_dir / 'model.pt'} config")
-    data_cfg = DiffMICConfig.from_dict(model.config).data  # changed below; ``cfg`` stays as stored
-    data_cfg.image_size = model.image_size
-    data_cfg.channels = model.in_chans
-    split_file = run_dir / SPLIT_FILE_NAME
-    if data_cfg.split_file is None and split_file.is_file():
-        data_cfg.split_file = str(split_file)  # the split the run was trained on
-    try:
-        data = build_data(data_cfg)
-    except DiffMICError as exc:
-        raise DataError(f"cannot rebuild the data of {run_dir}: {exc}") from None
-    except Exception as exc:  # noqa: BLE001 - an unreadable file may raise anything
-        first = (str(exc).strip().splitlines() or [""])[0][:200]
-        raise DataError(f"{data_cfg.path}: unreadable dataset ({type(exc).__name__}: {first})") from None
-    return data, cfg
 
 
 # ------------------------------------------------------------------ HTML pieces
@@ -232,8 +184,6 @@ def _model_card(
     settings: dict[str, Any],
     u: dict[str, Any],
 ) -> str:
-    from diffmic import __version__
-
     names = model.class_names
     sizes = {s: len(data.split(s)) for s in ("train", "val", "test")}
     per_class = "; ".join(
@@ -315,133 +265,16 @@ def write_report(
         CheckpointError: no or unreadable ``run_dir/model.pt``.
         DataError: the dataset cannot be read, or its val/test split is empty.
     """
-    from diffmic.evaluation.plots import (
-        plot_accuracy_coverage,
-        plot_confusion_matrix,
-        plot_image_grid,
-        plot_reliability,
-        plot_training_curves,
-    )
-
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise ConfigError(f"run folder not found: {run_dir}")
-    out = Path(out) if out is not None else run_dir / REPORT_NAME
+    run = RunDir(run_dir)
+    if not run.path.is_dir():
+        raise ConfigError(f"run folder not found: {run.path}")
+    out = Path(out) if out is not None else run.path / REPORT_NAME
     if out.is_dir():
         out = out / REPORT_NAME
     check_output_file(out, ConfigError)
     if samples is not None and samples < 1:
         raise ConfigError(f"samples must be >= 1, got {samples}")
-
-    model, extra = _load_model(run_dir)
-    recorded = _read_metrics_json(run_dir)
-    if data is None:
-        data, cfg = _rebuild_data(model, run_dir)
-    else:
-        from diffmic.config import DiffMICConfig
-
-        cfg = DiffMICConfig.from_dict(model.config)
-    for split in ("val", "test"):
-        if len(data.split(split)) == 0:
-            raise DataError(f"{data.source or cfg.data.path}: the {split} split is empty")
-    if data.num_classes > model.num_classes:
-        raise DataError(f"{data.source} has {data.num_classes} classes but the checkpoint predicts "
-                        f"{model.num_classes}")
-    names = list(model.class_names)
-    samples = samples or cfg.eval.samples
-    kw = {"batch_size": cfg.data.eval_batch_size, "samples": samples, "seed": seed}
-    settings = {"samples": samples, "seed": seed, "sampler": model.sampler,
-                "sampling_steps": model.sampling_steps, "temperature": model.temperature}
-
-    val_probs, val_priors, val_labels = predict_split(model, data.val, **kw)
-    test_probs, test_priors, test_labels = predict_split(model, data.test, **kw)
-    val_rep = build_report(val_probs, val_priors, val_labels, names, split="val", settings=settings)
-    test_rep = build_report(test_probs, test_priors, test_labels, names, split="test", settings=settings,
-                            calibration=(val_probs, val_labels), calibrated_on="val")
-    u = test_rep.uncertainty
-    assert u is not None
-    t_fit = u["fitted_temperature"]
-    test_scaled = apply_temperature(test_probs, t_fit)
-
-    # ---- figures
-    cm_html = "".join(
-        _img(plot_confusion_matrix(cm, names, title=f"{label}, test"),
-             f"confusion matrix of the {label} on the test split")
-        for cm, label in ((test_rep.confusion_matrix, "DiffMIC (diffusion)"),
-                          (test_rep.guidance_confusion_matrix, "DCG prior alone"))
-    )
-    rel_html = _img(
-        plot_reliability(test_probs, test_labels, test_scaled, temperature=t_fit),
-        "reliability diagram before and after temperature scaling",
-        "Test split, diffusion probabilities. Bars: accuracy per confidence bin; dashed: perfect "
-        "calibration; grey: fraction of images per bin.",
-    )
-    cov_html = _img(
-        plot_accuracy_coverage({"DiffMIC (diffusion)": test_probs, "DCG prior": test_priors}, test_labels),
-        "accuracy against coverage",
-        "Test split: the least confident images (max probability) are referred first.",
-    )
-    curves_html = _training_curves(run_dir, plot_training_curves)
-    grids = []
-    for which, idx in _confidence_extremes(test_probs, examples):
-        imgs = data.test.images[idx]
-        boxes, weights = _roi_boxes(model, imgs)
-        fig = plot_image_grid(
-            [im[..., 0] if im.shape[-1] == 1 else im for im in imgs],
-            _example_titles(idx, test_probs, test_labels, names), boxes, weights,
-            ncols=min(6, len(idx)), box_frame=model.image_size,
-            suptitle=f"{which} confident test images (ROI boxes with attention weights)",
-        )
-        grids.append(_img(fig, f"{which} confident test images with their ROI boxes"))
-
-    # ---- page
-    calib_table, cov_table = _uncertainty_tables(u)
-    title = f"DiffMIC run report: {run_dir.resolve().name}"
-    at_bound = (
-        '<p class="warn">T reached the edge of the search interval: the validation NLL keeps '
-        "falling towards it, typically because the model is no better than chance on the "
-        "validation split.</p>"
-    )
-    body = [
-        f"<h1>{e(title)}</h1>",
-        (f'<p class="note">{e(data.source or cfg.data.path)} · classes: {e(", ".join(names))} · '
-         f"{e(samples)} reverse chain(s) per image, seed {e(seed)} · research use only, not for "
-         "clinical use</p>"),
-        '<h2 id="sec-metrics">Metrics: DCG alone vs diffusion</h2>',
-        _metrics_table({"val": val_rep, "test": test_rep}),
-        ('<p class="note">Dataset-level metrics; AUROC is macro one-vs-rest; ECE uses 15 equal-width '
-         "bins. The checkpoint was selected on the validation split.</p>"),
-        _recorded_note(recorded),
-        '<h2 id="sec-per-class">Per-class metrics (test, diffusion)</h2>',
-        _per_class_table(test_rep),
-        '<h2 id="sec-confusion">Confusion matrix (test)</h2>',
-        cm_html,
-        '<h2 id="sec-calibration">Calibration and temperature scaling</h2>',
-        (f"<p>Fitted temperature T = <b>{t_fit:.4g}</b> (on the validation split only; applied to "
-         "the diffusion probabilities as softmax(log p / T); accuracy is unchanged).</p>"),
-        at_bound if u.get("temperature_at_bound") else "",
-        calib_table,
-        rel_html,
-        '<h2 id="sec-coverage">Selective prediction: accuracy vs coverage</h2>',
-        (f"<p>AURC (area under the risk–coverage curve, lower is better): <b>{_fmt(u['aurc'])}</b> "
-         f"with max-probability confidence, {_fmt(u['aurc_entropy'])} with entropy.</p>"),
-        cov_table,
-        cov_html,
-        '<h2 id="sec-training">Training curves</h2>',
-        curves_html,
-        '<h2 id="sec-examples">Most and least confident test images</h2>',
-        ('<p class="note">Each image shows the DCG&#x27;s ROI crops with their attention weights; the '
-         "title gives the true class, the predicted class and its probability.</p>"),
-        *grids,
-        '<h2 id="sec-model-card">Model card</h2>',
-        _model_card(run_dir, model, cfg, data, extra, recorded, settings, u),
-    ]
-    head = (
-        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-        '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f"<title>{e(title)}</title><style>{CSS}</style></head><body>\n"
-    )
-    page = head + "\n".join(b for b in body if b) + "\n</body></html>\n"
+    page = render(evaluate_run(run, data=data, samples=samples, seed=seed), examples=examples)
     try:
         atomic_write_text(out, page)
     except OSError as exc:
@@ -449,13 +282,143 @@ def write_report(
     return out
 
 
-def _training_curves(run_dir: Path, plot: Any) -> str:
-    csv_path = run_dir / "logs" / "metrics.csv"
+def render(ev: RunEvaluation, *, examples: int = 6) -> str:
+    """The HTML page of an evaluated run."""
+    recorded = ev.run.metrics()
+    source = ev.data.source or ev.cfg.data.path
+    title = f"DiffMIC run report: {ev.run.path.resolve().name}"
+    body = [
+        f"<h1>{e(title)}</h1>",
+        (f'<p class="note">{e(source)} · classes: {e(", ".join(ev.model.class_names))} · '
+         f"{e(ev.settings['samples'])} reverse chain(s) per image, seed {e(ev.settings['seed'])} · research "
+         "use only, not for clinical use</p>"),
+        _metrics_section(ev, recorded),
+        _confusion_section(ev),
+        _calibration_section(ev),
+        _coverage_section(ev),
+        '<h2 id="sec-training">Training curves</h2>',
+        _training_curves(ev.run),
+        _examples_section(ev, examples),
+        '<h2 id="sec-model-card">Model card</h2>',
+        _model_card(ev.run.path, ev.model, ev.cfg, ev.data, ev.extra, recorded, ev.settings,
+                    _uncertainty(ev)),
+    ]
+    head = (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>{e(title)}</title><style>{CSS}</style></head><body>\n"
+    )
+    return head + "\n".join(b for b in body if b) + "\n</body></html>\n"
+
+
+def _uncertainty(ev: RunEvaluation) -> dict[str, Any]:
+    u = ev.test.report.uncertainty
+    assert u is not None  # evaluate_run calibrates the test report on val
+    return u
+
+
+def _metrics_section(ev: RunEvaluation, recorded: dict[str, Any]) -> str:
+    return "".join([
+        '<h2 id="sec-metrics">Metrics: DCG alone vs diffusion</h2>',
+        _metrics_table({"val": ev.val.report, "test": ev.test.report}),
+        ('<p class="note">Dataset-level metrics; AUROC is macro one-vs-rest; ECE uses 15 equal-width '
+         "bins. The checkpoint was selected on the validation split.</p>"),
+        _recorded_note(recorded),
+        '<h2 id="sec-per-class">Per-class metrics (test, diffusion)</h2>',
+        _per_class_table(ev.test.report),
+    ])
+
+
+def _confusion_section(ev: RunEvaluation) -> str:
+    from diffmic.evaluation.plots import plot_confusion_matrix
+
+    rep, names = ev.test.report, list(ev.model.class_names)
+    return '<h2 id="sec-confusion">Confusion matrix (test)</h2>' + "".join(
+        _img(plot_confusion_matrix(cm, names, title=f"{label}, test"),
+             f"confusion matrix of the {label} on the test split")
+        for cm, label in ((rep.confusion_matrix, "DiffMIC (diffusion)"),
+                          (rep.guidance_confusion_matrix, "DCG prior alone"))
+    )
+
+
+def _calibration_section(ev: RunEvaluation) -> str:
+    from diffmic.evaluation.plots import plot_reliability
+
+    u = _uncertainty(ev)
+    t_fit = u["fitted_temperature"]
+    test = ev.test
+    calib_table, _ = _uncertainty_tables(u)
+    at_bound = (
+        '<p class="warn">T reached the edge of the search interval: the validation NLL keeps '
+        "falling towards it, typically because the model is no better than chance on the "
+        "validation split.</p>"
+    )
+    return "".join([
+        '<h2 id="sec-calibration">Calibration and temperature scaling</h2>',
+        (f"<p>Fitted temperature T = <b>{t_fit:.4g}</b> (on the validation split only; applied to "
+         "the diffusion probabilities as softmax(log p / T); accuracy is unchanged).</p>"),
+        at_bound if u.get("temperature_at_bound") else "",
+        calib_table,
+        _img(
+            plot_reliability(test.probs, test.labels, apply_temperature(test.probs, t_fit), temperature=t_fit),
+            "reliability diagram before and after temperature scaling",
+            "Test split, diffusion probabilities. Bars: accuracy per confidence bin; dashed: perfect "
+            "calibration; grey: fraction of images per bin.",
+        ),
+    ])
+
+
+def _coverage_section(ev: RunEvaluation) -> str:
+    from diffmic.evaluation.plots import plot_accuracy_coverage
+
+    u = _uncertainty(ev)
+    _, cov_table = _uncertainty_tables(u)
+    test = ev.test
+    return "".join([
+        '<h2 id="sec-coverage">Selective prediction: accuracy vs coverage</h2>',
+        (f"<p>AURC (area under the risk–coverage curve, lower is better): <b>{_fmt(u['aurc'])}</b> "
+         f"with max-probability confidence, {_fmt(u['aurc_entropy'])} with entropy.</p>"),
+        cov_table,
+        _img(
+            plot_accuracy_coverage({"DiffMIC (diffusion)": test.probs, "DCG prior": test.priors}, test.labels),
+            "accuracy against coverage",
+            "Test split: the least confident images (max probability) are referred first.",
+        ),
+    ])
+
+
+def _examples_section(ev: RunEvaluation, examples: int) -> str:
+    from diffmic.evaluation.plots import plot_image_grid
+
+    model, test, names = ev.model, ev.test, list(ev.model.class_names)
+    grids = []
+    for which, idx in _confidence_extremes(test.probs, examples):
+        imgs = ev.data.test.images[idx]
+        boxes, weights = _roi_boxes(model, imgs)
+        fig = plot_image_grid(
+            [im[..., 0] if im.shape[-1] == 1 else im for im in imgs],
+            _example_titles(idx, test.probs, test.labels, names), boxes, weights,
+            ncols=min(6, len(idx)), box_frame=model.image_size,
+            suptitle=f"{which} confident test images (ROI boxes with attention weights)",
+        )
+        grids.append(_img(fig, f"{which} confident test images with their ROI boxes"))
+    return "".join([
+        '<h2 id="sec-examples">Most and least confident test images</h2>',
+        ('<p class="note">Each image shows the DCG&#x27;s ROI crops with their attention weights; the '
+         "title gives the true class, the predicted class and its probability.</p>"),
+        *grids,
+    ])
+
+
+def _training_curves(run: RunDir) -> str:
+    from diffmic.evaluation.plots import plot_training_curves
+
+    csv_path = run.log_file
     if not csv_path.is_file():
         return f'<p class="note">No training log in this run folder ({e(csv_path)} not found).</p>'
     try:
-        return _img(plot(csv_path), "training curves",
-                    f"From {csv_path.relative_to(run_dir)}; epochs counted from 1.")
+        return _img(plot_training_curves(csv_path), "training curves",
+                    f"From {csv_path.relative_to(run.path)}; epochs counted from 1.")
     except (OSError, ValueError, csv.Error) as exc:
         return f'<p class="note">{e(csv_path)}: unreadable ({e(type(exc).__name__)}).</p>'
 
@@ -477,4 +440,4 @@ def _recorded_note(recorded: dict[str, Any]) -> str:
             f"{_fmt(acc)} for the diffusion output.</p>")
 
 
-__all__ = ["REPORT_NAME", "figure_data_uri", "write_report"]
+__all__ = ["REPORT_NAME", "figure_data_uri", "render", "write_report"]

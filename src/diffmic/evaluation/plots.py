@@ -9,7 +9,6 @@ matplotlib. Every function returns a :class:`~matplotlib.figure.Figure`; save it
 
 from __future__ import annotations
 
-import csv
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -22,6 +21,10 @@ matplotlib.use("Agg")
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
+
+from diffmic._io import atomic_write
+from diffmic.evaluation.calibration import apply_temperature
+from diffmic.runs import read_metrics_csv  # the training log belongs to the run folder; re-exported
 
 
 def _normalise01(a: np.ndarray) -> np.ndarray:
@@ -253,41 +256,6 @@ def plot_confusion_matrix(
     return fig
 
 
-def read_metrics_csv(path: str | Path) -> dict[str, list[tuple[float, float]]]:
-    """Read a Lightning ``CSVLogger`` ``metrics.csv`` into ``{column: [(epoch, value), ...]}``.
-
-    Empty, non-numeric and non-finite cells are skipped, as is the placeholder ``val/select``
-    value -1 logged before diffusion training; rows without an epoch use their step. Columns
-    without any value are left out.
-    """
-    out: dict[str, list[tuple[float, float]]] = {}
-    with Path(path).open(newline="") as fh:
-        for row in csv.DictReader(fh):
-            x = _number(row.get("epoch"))
-            if x is None:
-                x = _number(row.get("step"))
-            if x is None:
-                continue
-            for key, cell in row.items():
-                if key in (None, "epoch", "step"):
-                    continue
-                v = _number(cell)
-                if v is None or (key == "val/select" and v == -1.0):
-                    continue
-                out.setdefault(key, []).append((x, v))
-    return out
-
-
-def _number(cell: Any) -> float | None:
-    if cell is None or isinstance(cell, list):
-        return None
-    try:
-        v = float(str(cell).strip())
-    except ValueError:
-        return None
-    return v if math.isfinite(v) else None
-
-
 LOSS_COLUMNS = ("train/loss", "train/dcg_loss", "train/mse", "train/mmd_global", "train/mmd_local")
 SCORE_COLUMNS = ("train/dcg_acc", "val/acc", "val/dcg_acc", "val/select")
 
@@ -359,3 +327,22 @@ def plot_image_grid(
     if suptitle:
         fig.suptitle(suptitle)
     return fig
+
+
+def write_evaluation_figures(folder: str | Path, evaluation: Any) -> list[str]:
+    """Write ``reliability.png`` (before/after temperature scaling when the report is calibrated),
+    ``coverage.png`` and ``confusion.png`` of an :class:`~diffmic.evaluation.report.Evaluation`
+    into ``folder`` (atomically); returns the file names."""
+    report, probs, labels = evaluation.report, evaluation.probs, evaluation.labels
+    u = report.uncertainty
+    calibrated = apply_temperature(probs, u["fitted_temperature"]) if u else None
+    figures = {
+        "reliability.png": plot_reliability(probs, labels, calibrated,
+                                            temperature=u["fitted_temperature"] if u else None),
+        "coverage.png": plot_accuracy_coverage({"DiffMIC (diffusion)": probs, "DCG prior": evaluation.priors},
+                                               labels),
+        "confusion.png": plot_confusion_matrix(report.confusion_matrix, report.class_names),
+    }
+    for name, fig in figures.items():
+        atomic_write(Path(folder) / name, lambda f, fig=fig: fig.savefig(f, format="png"))
+    return list(figures)

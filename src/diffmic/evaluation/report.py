@@ -1,7 +1,13 @@
-"""Evaluate a model on a split: DCG prior alone and diffusion output, written as JSON."""
+"""Evaluate a model on a split: DCG prior alone and diffusion output, written as JSON.
+
+:func:`evaluate` takes a model and a split; :func:`evaluate_checkpoint` and :func:`evaluate_run`
+also find the data (the run's own split) and keep the predictions for figures.
+"""
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -11,10 +17,16 @@ import torch
 from torch import Tensor
 
 from diffmic._io import atomic_write_text
-from diffmic.data.base import ImageArray
+from diffmic.config import DiffMICConfig
+from diffmic.data.base import DataBundle, ImageArray
+from diffmic.data.registry import build_data
+from diffmic.diffusion.readout import READOUTS, readout_probs
+from diffmic.errors import DataError
 from diffmic.evaluation.calibration import DEFAULT_COVERAGES, uncertainty_summary
 from diffmic.evaluation.metrics import classification_metrics, confusion_matrix, per_class_table
+from diffmic.models.checkpoint import load_model
 from diffmic.models.diffmic import DiffMIC
+from diffmic.runs import RunDir, model_data_config
 
 
 @dataclass
@@ -37,11 +49,13 @@ class EvalReport:
     guidance_confusion_matrix: list[list[int]]
     settings: dict[str, Any] = field(default_factory=dict)
     uncertainty: dict[str, Any] | None = None
+    readouts: dict[str, dict[str, float]] | None = None  # metrics of every readout, side by side
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        if d["uncertainty"] is None:  # the JSON of an uncalibrated report is unchanged
-            del d["uncertainty"]
+        for key in ("uncertainty", "readouts"):
+            if d[key] is None:  # left out when not requested
+                del d[key]
         return d
 
     def to_json(self, path: str | Path | None = None) -> str:
@@ -53,6 +67,43 @@ class EvalReport:
 
 
 @torch.no_grad()
+def predict_readouts(
+    model: DiffMIC,
+    data: ImageArray,
+    *,
+    readouts: tuple[str, ...] = READOUTS,
+    batch_size: int = 256,
+    samples: int = 1,
+    seed: int = 0,
+    sampler: str | None = None,
+    num_steps: int | None = None,
+) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+    """Run the model over a split: ({readout: diffusion probs}, prior probs, labels), all (N, ...).
+
+    Features, the ``samples`` chains and the mean path are computed once per batch and shared by
+    the readouts (the chains only when a readout other than ``mean_path`` is asked for).
+    """
+    model.eval()
+    device = model.mean.device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    images = torch.from_numpy(data.images).permute(0, 3, 1, 2)
+    probs: dict[str, list[Tensor]] = {r: [] for r in readouts}
+    priors = []
+    for chunk in images.split(batch_size):
+        x = model.normalize(chunk.to(device).float() / 255.0)
+        guide = model.guidance(x)
+        prior = guide.logits.softmax(dim=1)
+        feats = model.encode(x, guide)
+        chains, path = model.run_chains(
+            feats, prior, samples=samples, path="mean_path" in readouts,
+            chains=any(r != "mean_path" for r in readouts), generator=gen, sampler=sampler, num_steps=num_steps,
+        )
+        for r in readouts:
+            probs[r].append(readout_probs(r, temperature=model.temperature, chains=chains, path=path).cpu())
+        priors.append(prior.cpu())
+    return {r: torch.cat(p) for r, p in probs.items()}, torch.cat(priors), torch.from_numpy(data.labels).long()
+
+
 def predict_split(
     model: DiffMIC,
     data: ImageArray,
@@ -63,18 +114,12 @@ def predict_split(
     sampler: str | None = None,
     num_steps: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Run the model over a split: returns (diffusion probs, prior probs, labels), all (N, ...)."""
-    model.eval()
-    device = model.mean.device
-    gen = torch.Generator(device=device).manual_seed(seed)
-    images = torch.from_numpy(data.images).permute(0, 3, 1, 2)
-    probs, priors = [], []
-    for chunk in images.split(batch_size):
-        x = model.normalize(chunk.to(device).float() / 255.0)
-        out = model(x, samples=samples, generator=gen, sampler=sampler, num_steps=num_steps)
-        probs.append(out.probs.cpu())
-        priors.append(out.prior.cpu())
-    return torch.cat(probs), torch.cat(priors), torch.from_numpy(data.labels).long()
+    """Run the model over a split: (probs of the model's readout, prior probs, labels), all (N, ...)."""
+    probs, priors, labels = predict_readouts(
+        model, data, readouts=(model.readout,), batch_size=batch_size, samples=samples, seed=seed,
+        sampler=sampler, num_steps=num_steps,
+    )
+    return probs[model.readout], priors, labels
 
 
 def build_report(
@@ -88,6 +133,7 @@ def build_report(
     calibration: tuple[Tensor, Tensor] | None = None,
     calibrated_on: str = "val",
     coverages: tuple[float, ...] = DEFAULT_COVERAGES,
+    readouts: dict[str, Tensor] | None = None,
 ) -> EvalReport:
     """An :class:`EvalReport` from predictions already made (see :func:`predict_split`).
 
@@ -100,6 +146,7 @@ def build_report(
             validation split), or None for no ``uncertainty`` section.
         calibrated_on: name of that split, recorded in the report.
         coverages: coverages at which the selective accuracy is reported.
+        readouts: probabilities of several readouts ({name: (N, C)}), reported side by side.
     """
     c = len(class_names)
     uncertainty = None
@@ -120,6 +167,7 @@ def build_report(
         guidance_confusion_matrix=confusion_matrix(priors, labels, c),
         settings=dict(settings or {}),
         uncertainty=uncertainty,
+        readouts=None if readouts is None else {r: classification_metrics(p, labels, c) for r, p in readouts.items()},
     )
 
 
@@ -135,6 +183,7 @@ def evaluate(
     num_steps: int | None = None,
     calibrate_on: ImageArray | tuple[Tensor, Tensor] | None = None,
     calibration_split: str = "val",
+    compare_readouts: bool = True,
 ) -> EvalReport:
     """Dataset-level metrics for the DCG prior and the diffusion output on ``data``.
 
@@ -142,10 +191,15 @@ def evaluate(
     settings, or its ``(diffusion probs, labels)``). When given, the report gets an
     ``uncertainty`` section: ECE / NLL before and after temperature scaling with T fitted on
     ``calibrate_on`` only, AURC and accuracy at 100/90/80/70/50 % coverage on ``data``.
+    ``compare_readouts``: also report every readout's metrics (``readouts``); the ``diffusion``
+    metrics are always those of the model's own readout.
     """
-    probs, priors, labels = predict_split(
-        model, data, batch_size=batch_size, samples=samples, seed=seed, sampler=sampler, num_steps=num_steps
+    names = READOUTS if compare_readouts else (model.readout,)
+    all_probs, priors, labels = predict_readouts(
+        model, data, readouts=names, batch_size=batch_size, samples=samples, seed=seed, sampler=sampler,
+        num_steps=num_steps,
     )
+    probs = all_probs[model.readout]
     calibration = None
     if isinstance(calibrate_on, ImageArray):
         val_probs, _, val_labels = predict_split(
@@ -164,7 +218,156 @@ def evaluate(
             "sampler": sampler or model.sampler,
             "sampling_steps": num_steps or model.sampling_steps,
             "temperature": model.temperature,
+            "readout": model.readout,
         },
         calibration=calibration,
         calibrated_on=calibration_split,
+        readouts=all_probs if compare_readouts else None,
     )
+
+
+# ------------------------------------------------------------------ checkpoints and runs
+@dataclass
+class Evaluation:
+    """A report with the predictions behind it (diffusion probs, DCG prior, labels), for figures."""
+
+    report: EvalReport
+    probs: Tensor
+    priors: Tensor
+    labels: Tensor
+
+
+def _settings(model: DiffMIC, samples: int, seed: int, sampler: str | None, num_steps: int | None) -> dict[str, Any]:
+    return {"samples": samples, "seed": seed, "sampler": sampler or model.sampler,
+            "sampling_steps": num_steps or model.sampling_steps, "temperature": model.temperature,
+            "readout": model.readout}
+
+
+def _check_fits(model: DiffMIC, data: DataBundle, splits: tuple[str, ...], source: str) -> None:
+    for split in splits:
+        if len(data.split(split)) == 0:
+            raise DataError(f"{source}: the {split} split is empty")
+    if data.num_classes > model.num_classes:
+        raise DataError(f"{source} has {data.num_classes} classes but the checkpoint predicts {model.num_classes}")
+
+
+def evaluate_checkpoint(
+    checkpoint: str | Path,
+    *,
+    model: DiffMIC | None = None,
+    split: str = "test",
+    data_path: str | None = None,
+    data_format: str | None = None,
+    samples: int | None = None,
+    sampler: str | None = None,
+    num_steps: int | None = None,
+    seed: int = 0,
+    calibrate: bool = False,
+) -> Evaluation:
+    """Evaluate a checkpoint on a split of its own dataset (or of ``data_path``).
+
+    Args:
+        checkpoint: the model file; when it lies in a run folder (``run/model.pt``,
+            ``run/checkpoints/x.ckpt``), the run's ``split.json`` is reused.
+        model: the model already loaded from ``checkpoint`` (needed for a Lightning ``.ckpt``,
+            which :func:`diffmic.load_model` reads); default: loaded from the model file.
+        split: ``train`` | ``val`` | ``test``.
+        data_path, data_format: another dataset than the stored one (its own class names).
+        samples: reverse chains per image (default: the stored ``eval.samples``).
+        sampler, num_steps: override the model's sampler / number of steps.
+        seed: sampling seed.
+        calibrate: fit a temperature on the val split and add the ``uncertainty`` section.
+
+    Raises:
+        CheckpointError, DataError: one line naming the file.
+    """
+    if model is None:
+        model = load_model(checkpoint)
+    run = RunDir.of_checkpoint(checkpoint)
+    data_cfg = model_data_config(model, path=data_path, format=data_format,
+                                 split_file=run.split_file if run and run.split_file.is_file() else None)
+    data = build_data(data_cfg)
+    _check_fits(model, data, (split,), data.source)
+    if calibrate and len(data.val) == 0:
+        raise DataError(f"{data.source}: the val split is empty; calibration fits the temperature on it")
+    cfg = DiffMICConfig.from_dict(model.config, source=f"{checkpoint} config")
+    samples = samples or cfg.eval.samples
+    kw = {"batch_size": cfg.data.eval_batch_size, "samples": samples, "seed": seed, "sampler": sampler,
+          "num_steps": num_steps}
+    all_probs, priors, labels = predict_readouts(model, data.split(split), **kw)
+    probs = all_probs[model.readout]
+    calibration = None
+    if calibrate:
+        val_probs, _, val_labels = predict_split(model, data.val, **kw)
+        calibration = (val_probs, val_labels)
+    report = build_report(probs, priors, labels, model.class_names, split=split, calibration=calibration,
+                          settings=_settings(model, samples, seed, sampler, num_steps), readouts=all_probs)
+    return Evaluation(report, probs, priors, labels)
+
+
+@dataclass
+class RunEvaluation:
+    """A finished run, loaded once, and its val/test evaluation (test calibrated on val)."""
+
+    run: RunDir
+    model: DiffMIC
+    extra: dict[str, Any]  # the model file's ``extra`` (selected epoch, git commit)
+    cfg: DiffMICConfig  # the stored config
+    data: DataBundle
+    settings: dict[str, Any]
+    val: Evaluation
+    test: Evaluation
+
+
+def evaluate_run(
+    run: RunDir,
+    *,
+    data: DataBundle | None = None,
+    samples: int | None = None,
+    seed: int = 0,
+) -> RunEvaluation:
+    """Load a finished run's model once, rebuild its data, evaluate val and test.
+
+    ``data``: the run's data when it cannot be rebuilt from the stored config (default: rebuilt
+    with the run's ``split.json``). ``samples``: default the run's ``eval.samples``.
+    """
+    model, extra = run.load_model()
+    cfg = DiffMICConfig.from_dict(model.config, source=f"{run.model_file} config")
+    if data is None:
+        data = run.rebuild_data(model)
+    _check_fits(model, data, ("val", "test"), data.source or cfg.data.path)
+    samples = samples or cfg.eval.samples
+    kw = {"batch_size": cfg.data.eval_batch_size, "samples": samples, "seed": seed}
+    settings = _settings(model, samples, seed, None, None)
+    names = list(model.class_names)
+    val_probs, val_priors, val_labels = predict_split(model, data.val, **kw)
+    test_probs, test_priors, test_labels = predict_split(model, data.test, **kw)
+    val_rep = build_report(val_probs, val_priors, val_labels, names, split="val", settings=settings)
+    test_rep = build_report(test_probs, test_priors, test_labels, names, split="test", settings=settings,
+                            calibration=(val_probs, val_labels), calibrated_on="val")
+    return RunEvaluation(run, model, extra, cfg, data, settings,
+                         Evaluation(val_rep, val_probs, val_priors, val_labels),
+                         Evaluation(test_rep, test_probs, test_priors, test_labels))
+
+
+def predictions_csv(paths: list[str], details: list[dict[str, Tensor]], class_names: list[str]) -> str:
+    """The CSV of ``diffmic predict``: one row per image from :meth:`DiffMIC.predict_details` outputs.
+
+    Columns: ``path``, ``prediction`` (class name), ``p_<class>``, ``entropy``, ``vote_<class>``,
+    ``low_<class>``, ``high_<class>``.
+    """
+    cols = {k: torch.cat([d[k] for d in details]).tolist()
+            for k in ("probs", "entropy", "votes", "interval_low", "interval_high")}
+    names = class_names
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["path", "prediction", *[f"p_{c}" for c in names], "entropy", *[f"vote_{c}" for c in names],
+                *[f"low_{c}" for c in names], *[f"high_{c}" for c in names]])
+    for i, path in enumerate(paths):
+        p = cols["probs"][i]
+        w.writerow([
+            str(path), names[max(range(len(p)), key=p.__getitem__)], *[f"{v:.6f}" for v in p],
+            f"{cols['entropy'][i]:.6f}", *[f"{v:.6f}" for v in cols["votes"][i]],
+            *[f"{v:.6f}" for v in cols["interval_low"][i]], *[f"{v:.6f}" for v in cols["interval_high"][i]],
+        ])
+    return buf.getvalue()

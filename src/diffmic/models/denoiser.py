@@ -34,6 +34,8 @@ class LabelDenoiser(nn.Module):
         encoder: image encoder returning (B, encoder_dim); None when features are given directly
             (e.g. the DCG's pooled global features, ``share_encoder``).
         encoder_dim: output width of ``encoder`` (or of the given features).
+        skip_init: per-timestep c(t) of the skip ε̂ += c(t)(y_t − ŷ) (None: no skip, the original).
+        dropout: dropout probability on the hidden layers (active in training mode only).
     """
 
     def __init__(
@@ -45,8 +47,10 @@ class LabelDenoiser(nn.Module):
         encoder: nn.Module | None = None,
         encoder_dim: int = 512,
         skip_init: Tensor | None = None,
+        dropout: float = 0.0,
     ) -> None:
         super().__init__()
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.encoder = encoder
         self.proj = nn.Linear(encoder_dim, feature_dim)
         self.norm0 = nn.BatchNorm1d(feature_dim)
@@ -76,9 +80,9 @@ class LabelDenoiser(nn.Module):
         """Predict ε from cached features (B, F), y_t (B, C), prior (B, C) and t (B,)."""
         u = torch.cat([y_t, prior], dim=1)  # (B, 2C)
         h = F.softplus(self.norm1(self.lin1(u, t)))
-        h = feats * h
-        h = F.softplus(self.norm2(self.lin2(h, t)))
-        h = F.softplus(self.norm3(self.lin3(h, t)))
+        h = self.dropout(feats * h)
+        h = self.dropout(F.softplus(self.norm2(self.lin2(h, t))))
+        h = self.dropout(F.softplus(self.norm3(self.lin3(h, t))))
         eps_hat = self.out(h)  # (B, C)
         if self.skip is not None:
             eps_hat = eps_hat + self.skip(t) * (y_t - prior)

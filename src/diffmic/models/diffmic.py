@@ -1,49 +1,46 @@
 """DiffMIC: composes the DCG guidance network, the label denoiser and the diffusion schedule.
 
 Inference: the DCG gives the prior ŷ = softmax(½(g + l)); the image embedding is computed once;
-a reverse chain (DDIM on the residual by default) is run from N(ŷ, I) for ``samples`` chains per
-image in one batch; probabilities are the mean over chains of softmax(y_0 / temperature).
+``samples`` reverse chains (DDIM on the residual by default) are run from N(ŷ, I) in one batch, and
+the deterministic mean path (DDIM η = 0 from ŷ itself) when the readout needs it; a readout
+(:mod:`diffmic.diffusion.readout`) turns them into class probabilities.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from diffmic._io import atomic_torch_save
-from diffmic.diffusion.sampling import sample
+from diffmic.diffusion.readout import mean_softmax_probs, readout_probs
+from diffmic.diffusion.sampling import sample, sample_mean_path
 from diffmic.diffusion.schedule import CardSchedule
-from diffmic.errors import CheckpointError, DataError
+from diffmic.errors import DataError
 from diffmic.images import ImageSpec, to_batch, to_model_input
 from diffmic.models.denoiser import LabelDenoiser
 from diffmic.models.guidance import DCG, GuidanceOutput
-
-CHECKPOINT_FORMAT = "diffmic-model"
-CHECKPOINT_VERSION = 1
 
 
 class Prediction(NamedTuple):
     """Inference outputs for a batch."""
 
-    probs: Tensor  # diffusion class probabilities, (B, C)
-    y0: Tensor  # sampled y_0 vectors, (S, B, C)
+    probs: Tensor  # diffusion class probabilities of the readout, (B, C)
+    y0: Tensor  # sampled y_0 vectors, (S, B, C) (the mean path as S = 1 when no chain was sampled)
     prior: Tensor  # DCG fused prior softmax(½(g + l)), (B, C)
     guidance: GuidanceOutput
+    path: Tensor | None = None  # y_0 of the deterministic mean path, (B, C), when it was run
 
 
-def probs_from_y0(y0: Tensor, temperature: float) -> Tensor:
-    """(S, B, C) sampled y_0 -> (B, C) probabilities: mean over S of softmax(y_0 / temperature)."""
-    return (y0 / temperature).softmax(dim=-1).mean(dim=0)
+probs_from_y0 = mean_softmax_probs  # (S, B, C) -> (B, C): mean over S of softmax(y_0 / temperature)
 
 
 class DiffMIC(nn.Module):
-    """The full model. Build it with :func:`diffmic.models.factory.build_model` or load a checkpoint.
+    """The full model. Build it with :func:`diffmic.models.factory.build_model` or load a checkpoint
+    with :func:`diffmic.load_model` (:mod:`diffmic.models.checkpoint`).
 
     Args:
         guidance: the DCG.
@@ -59,6 +56,9 @@ class DiffMIC(nn.Module):
         eta: DDIM stochasticity.
         temperature: softmax temperature turning y_0 into probabilities.
         share_encoder: the denoiser embeds the DCG's pooled global features instead of the image.
+        readout: ``mean_path`` | ``vote`` | ``mean_softmax`` (:mod:`diffmic.diffusion.readout`).
+        config: the resolved config the model was built from (``DiffMICConfig.to_dict()``), stored
+            in checkpoints.
         image_spec: the preprocessing (:class:`~diffmic.images.ImageSpec`) every input goes through;
             None: ``image_size``, ``in_chans``, ``mean``, ``std`` and no centre crop. Stored in
             checkpoints; when given it must agree with those four arguments.
@@ -80,6 +80,8 @@ class DiffMIC(nn.Module):
         eta: float = 0.0,
         temperature: float = 0.1,
         share_encoder: bool = False,
+        readout: str = "mean_softmax",
+        config: dict[str, Any] | None = None,
         image_spec: ImageSpec | None = None,
     ) -> None:
         super().__init__()
@@ -94,6 +96,7 @@ class DiffMIC(nn.Module):
         self.eta = eta
         self.temperature = temperature
         self.share_encoder = share_encoder
+        self.readout = readout
         spec = ImageSpec(image_size, in_chans, False, tuple(mean), tuple(std))
         if image_spec is not None and (image_spec.size, image_spec.channels, image_spec.mean, image_spec.std) != (
             spec.size, spec.channels, spec.mean, spec.std
@@ -104,7 +107,7 @@ class DiffMIC(nn.Module):
         s = torch.tensor(std, dtype=torch.float32).expand(in_chans).reshape(1, in_chans, 1, 1)
         self.register_buffer("mean", m.clone(), persistent=False)
         self.register_buffer("std", s.clone(), persistent=False)
-        self.config: dict[str, Any] = {}  # resolved config, stored in checkpoints
+        self.config: dict[str, Any] = dict(config or {})  # resolved config, stored in checkpoints
 
     @property
     def num_classes(self) -> int:
@@ -151,6 +154,33 @@ class DiffMIC(nn.Module):
         )
         return y0.view(samples, b, -1)
 
+    def mean_path(self, feats: Tensor, prior: Tensor, *, num_steps: int | None = None) -> Tensor:
+        """y_0 (B, C) of the deterministic mean path (DDIM, η = 0, started at the prior)."""
+        return sample_mean_path(
+            self.schedule,
+            lambda y_t, t: self.denoiser.denoise(feats, y_t, prior, t),
+            prior,
+            num_steps or self.sampling_steps,
+        )
+
+    def run_chains(
+        self,
+        feats: Tensor,
+        prior: Tensor,
+        *,
+        samples: int = 1,
+        path: bool = False,
+        chains: bool = True,
+        generator: torch.Generator | None = None,
+        sampler: str | None = None,
+        num_steps: int | None = None,
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """(chains (S, B, C) or None, mean path (B, C) or None) from features computed once."""
+        ys = self.sample_y0(feats, prior, samples=samples, generator=generator, sampler=sampler,
+                            num_steps=num_steps) if chains else None
+        yp = self.mean_path(feats, prior, num_steps=num_steps) if path else None
+        return ys, yp
+
     def forward(
         self,
         x: Tensor,
@@ -159,15 +189,25 @@ class DiffMIC(nn.Module):
         generator: torch.Generator | None = None,
         sampler: str | None = None,
         num_steps: int | None = None,
+        readout: str | None = None,
     ) -> Prediction:
-        """Inference on normalised images (B, C_in, H, W)."""
+        """Inference on normalised images (B, C_in, H, W).
+
+        The ``mean_path`` readout runs the deterministic path and, when ``samples > 1``, also the
+        ``samples`` stochastic chains (for the uncertainty columns); the other readouts run chains.
+        """
+        readout = readout or self.readout
         guide = self.guidance(x)
         prior = guide.logits.softmax(dim=1)
         feats = self.encode(x, guide)
-        y0 = self.sample_y0(
-            feats, prior, samples=samples, generator=generator, sampler=sampler, num_steps=num_steps
+        on_path = readout == "mean_path"
+        chains, path = self.run_chains(
+            feats, prior, samples=samples, path=on_path, chains=not on_path or samples > 1,
+            generator=generator, sampler=sampler, num_steps=num_steps,
         )
-        return Prediction(probs_from_y0(y0, self.temperature), y0, prior, guide)
+        probs = readout_probs(readout, temperature=self.temperature, chains=chains, path=path)
+        y0 = chains if chains is not None else path.unsqueeze(0)  # type: ignore[union-attr]
+        return Prediction(probs, y0, prior, guide, path)
 
     # ------------------------------------------------------------------ user API
     def preprocess(self, images: Any) -> Tensor:
@@ -229,7 +269,7 @@ class DiffMIC(nn.Module):
         ``interval_high`` (N, C) per-class percentile interval of the sampled y_0 values
         (2.5/97.5 % at ``level=0.95``; both equal y_0 when ``samples=1``).
         """
-        from diffmic.evaluation.uncertainty import (
+        from diffmic.diffusion.uncertainty import (
             class_intervals,
             predictive_entropy,
             vote_fractions,
@@ -290,102 +330,15 @@ class DiffMIC(nn.Module):
         }
 
     # --------------------------------------------------------------- persistence
-    def save(self, path: str | Path, *, extra: dict[str, Any] | None = None) -> None:
-        """Write a self-contained checkpoint (loadable with ``torch.load(weights_only=True)``)."""
-        payload = {
-            "format": CHECKPOINT_FORMAT,
-            "version": CHECKPOINT_VERSION,
-            "config": self.config,
-            "model_args": {
-                "num_classes": self.num_classes,
-                "class_names": self.class_names,
-                "in_chans": self.in_chans,
-                "image_size": self.image_size,
-                "image_spec": self.image_spec.to_dict(),
-            },
-            "state_dict": self.state_dict(),
-            "extra": extra or {},
+    def model_args(self) -> dict[str, Any]:
+        """What the data decided, stored in checkpoints beside the config (``build_model`` keywords).
+
+        Saving and loading live in :mod:`diffmic.models.checkpoint`.
+        """
+        return {
+            "num_classes": self.num_classes,
+            "class_names": self.class_names,
+            "in_chans": self.in_chans,
+            "image_size": self.image_size,
+            "image_spec": self.image_spec.to_dict(),
         }
-        path = Path(path)
-        atomic_torch_save(payload, path)  # never leaves a truncated checkpoint
-
-    @classmethod
-    def from_checkpoint(cls, path: str | Path, map_location: str | torch.device = "cpu") -> DiffMIC:
-        """Load a model saved by :meth:`save` (or a Lightning checkpoint of a training run)."""
-        return cls.from_payload(load_checkpoint_payload(path, map_location), source=path).to(map_location)
-
-    @classmethod
-    def from_payload(cls, payload: dict[str, Any], source: str | Path = "checkpoint") -> DiffMIC:
-        """Build a model from an already loaded checkpoint dict (``source`` names it in errors)."""
-        from diffmic.config import DiffMICConfig
-        from diffmic.models.factory import build_model
-
-        path = source
-        if payload.get("format") == CHECKPOINT_FORMAT:
-            cfg_dict, args, state = payload.get("config"), payload.get("model_args"), payload.get("state_dict")
-        elif "hyper_parameters" in payload and "state_dict" in payload:  # Lightning .ckpt
-            hp = payload["hyper_parameters"]
-            cfg_dict, args = hp.get("config"), hp.get("model_args")
-            sd = payload["state_dict"]
-            state = {k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")}
-            if (cfg_dict or {}).get("train", {}).get("ema_eval", False):  # export the EMA denoiser
-                prefix = "ema.shadow."
-                state.update({"denoiser." + k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)})
-            if cfg_dict is None or args is None:
-                raise CheckpointError(f"{path}: Lightning checkpoint without a diffmic config")
-        else:
-            raise CheckpointError(f"{path}: not a diffmic checkpoint (no format marker)")
-        args = args if isinstance(args, dict) else {}
-        missing = [k for k in ("num_classes", "in_chans", "image_size", "class_names") if k not in args]
-        if missing or not isinstance(state, dict) or not isinstance(cfg_dict, dict):
-            raise CheckpointError(f"{path}: incomplete checkpoint (no config, state_dict or model_args {missing})")
-        cfg = DiffMICConfig.from_dict(cfg_dict, source=f"{path} config")
-        spec = _stored_image_spec(args, cfg.data.mean, cfg.data.std, path)  # None: derived from the config
-        model = build_model(
-            cfg,
-            num_classes=args["num_classes"],
-            in_chans=args["in_chans"],
-            image_size=args["image_size"],
-            class_names=args["class_names"],
-            image_spec=spec,
-        )
-        try:
-            model.load_state_dict(state, strict=True)
-        except RuntimeError as exc:
-            first = str(exc).splitlines()[0]
-            raise CheckpointError(f"{path}: weights do not match the stored config ({first})") from None
-        model.eval()
-        return model
-
-
-def load_checkpoint_payload(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    """``torch.load`` with ``weights_only=True`` and one-line errors for missing/corrupt files."""
-    p = Path(path)
-    if not p.is_file():
-        raise CheckpointError(f"checkpoint not found: {p}")
-    try:
-        payload = torch.load(p, map_location=map_location, weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - garbage bytes also raise KeyError, IndexError, ...
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{p}: corrupt or unreadable checkpoint ({msg[:160]})") from None
-    if not isinstance(payload, dict):
-        raise CheckpointError(f"{p}: not a diffmic checkpoint")
-    return payload
-
-
-def _stored_image_spec(args: dict[str, Any], mean: list[float], std: list[float], path: str | Path) -> ImageSpec | None:
-    """``model_args["image_spec"]`` checked against the stored shape and config; None if absent (older checkpoints)."""
-    if "image_spec" not in args:
-        return None
-    try:
-        spec = ImageSpec.from_dict(args["image_spec"])
-    except DataError as exc:
-        raise CheckpointError(f"{path}: invalid image_spec ({exc})") from None
-    if (spec.size, spec.channels, spec.mean, spec.std) != (
-        args["image_size"], args["in_chans"], tuple(map(float, mean)), tuple(map(float, std))
-    ):
-        raise CheckpointError(
-            f"{path}: image_spec {spec.to_dict()} disagrees with the stored image_size {args['image_size']}, "
-            f"in_chans {args['in_chans']} or data.mean/std {mean}/{std}"
-        )
-    return spec

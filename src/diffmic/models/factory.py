@@ -18,13 +18,16 @@ def build_model(
     in_chans: int,
     image_size: int,
     class_names: list[str] | None = None,
-    image_spec: ImageSpec | None = None,
+    image_spec: ImageSpec | dict | None = None,
 ) -> DiffMIC:
     """Build a :class:`DiffMIC` from a resolved config and the data's shape.
 
-    ``image_spec`` (a checkpoint's) defaults to the one the data readers use: ``image_size``,
-    ``in_chans``, ``data.mean``/``data.std``, centre crop decided by ``data.format``.
+    ``image_spec`` (a checkpoint's, or its ``to_dict()`` as :meth:`DiffMIC.model_args` gives it)
+    defaults to the one the data readers use: ``image_size``, ``in_chans``, ``data.mean``/``data.std``,
+    centre crop decided by ``data.format``.
     """
+    if isinstance(image_spec, dict):
+        image_spec = ImageSpec.from_dict(image_spec)
     m, d = cfg.model, cfg.diffusion
     small = m.small_input if m.small_input is not None else small_input_default(image_size)
     guidance = DCG(
@@ -40,6 +43,7 @@ def build_model(
         crop_size=m.crop_size,
         top_t=m.top_t,
         mil_hidden=m.mil_hidden,
+        roi_saliency=m.roi_saliency,
     )
     if m.share_encoder:
         encoder, encoder_dim = None, guidance.feature_dim
@@ -56,6 +60,7 @@ def build_model(
         encoder=encoder,
         encoder_dim=encoder_dim,
         skip_init=skip_init,
+        dropout=m.denoiser_dropout,
     )
     model = DiffMIC(
         guidance,
@@ -71,9 +76,10 @@ def build_model(
         eta=d.eta,
         temperature=cfg.eval.temperature,
         share_encoder=m.share_encoder,
+        readout=cfg.eval.readout,
+        config=cfg.to_dict(),
         image_spec=image_spec or ImageSpec.for_format(
             cfg.data.format, size=image_size, channels=in_chans, mean=cfg.data.mean, std=cfg.data.std
         ),
     )
-    model.config = cfg.to_dict()
     return model

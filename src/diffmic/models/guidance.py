@@ -19,7 +19,7 @@ from diffmic.models.roi import (
     cells_to_pixels,
     crop_batch,
     greedy_max_windows,
-    normalize_saliency,
+    saliency_map,
     window_size,
 )
 
@@ -84,6 +84,9 @@ class DCG(nn.Module):
         crop_size: crop side in pixels (None: :func:`default_crop_size`).
         top_t: fraction of CAM positions averaged for the global logits (1.0 = mean).
         mil_hidden: hidden width of the gated attention.
+        roi_saliency: the map the crops are chosen on: ``class_sum`` (GMIC: sum of the min-max
+            normalised class maps), ``top_class`` or ``prior_weighted`` (the class maps of, or
+            weighted by, the global branch's softmax: the fused prior itself needs the crops).
     """
 
     def __init__(
@@ -101,6 +104,7 @@ class DCG(nn.Module):
         crop_size: int | None = None,
         top_t: float = 1.0,
         mil_hidden: int = 128,
+        roi_saliency: str = "class_sum",
     ) -> None:
         super().__init__()
         self.num_classes = num_classes
@@ -109,6 +113,7 @@ class DCG(nn.Module):
         self.crop_size = min(crop_size or default_crop_size(image_size), image_size)
         self.cam_size = cam_size
         self.top_t = top_t
+        self.roi_saliency = roi_saliency
         if small_input is None:
             small_input = small_input_default(image_size)
         net, dim = create_backbone(backbone, in_chans=in_chans, pretrained=pretrained, small_input=small_input)
@@ -135,7 +140,8 @@ class DCG(nn.Module):
         crop = (self.crop_size, self.crop_size)
         map_hw, image_hw = (cam.shape[2], cam.shape[3]), (x.shape[2], x.shape[3])
         with torch.no_grad():
-            cells = greedy_max_windows(normalize_saliency(cam), window_size(crop, map_hw, image_hw), self.num_crops)
+            sal = saliency_map(cam, logits_global.softmax(dim=1), self.roi_saliency)
+            cells = greedy_max_windows(sal, window_size(crop, map_hw, image_hw), self.num_crops)
             corners = cells_to_pixels(cells, map_hw, image_hw, crop)  # (B, K, 2)
         crops = crop_batch(x, corners, crop).flatten(0, 1)  # (B*K, C_in, ch, cw)
         h = self.local_net(crops).mean(dim=(2, 3)).view(b, self.num_crops, -1)  # (B, K, F_l)

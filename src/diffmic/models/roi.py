@@ -12,8 +12,19 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+SALIENCY_MODES = ("class_sum", "top_class", "prior_weighted")
+
+
+def _minmax(cam: Tensor, eps: float) -> Tensor:
+    """Each class map min-max normalised over space: (B, C, h, w) -> (B, C, h*w) in [0, 1]."""
+    flat = cam.flatten(2)  # (B, C, h*w)
+    lo = flat.min(dim=2, keepdim=True).values
+    hi = flat.max(dim=2, keepdim=True).values
+    return (flat - lo) / (hi - lo).clamp(min=eps)
+
+
 def normalize_saliency(cam: Tensor, eps: float = 1e-6) -> Tensor:
-    """Min-max normalise each class map over space and sum over classes.
+    """Min-max normalise each class map over space and sum over classes (GMIC's rule).
 
     Args:
         cam: class activation maps (B, C, h, w).
@@ -21,11 +32,28 @@ def normalize_saliency(cam: Tensor, eps: float = 1e-6) -> Tensor:
     Returns:
         Saliency (B, h, w) with values in [0, C]; a constant class map contributes 0.
     """
-    flat = cam.flatten(2)  # (B, C, h*w)
-    lo = flat.min(dim=2, keepdim=True).values
-    hi = flat.max(dim=2, keepdim=True).values
-    norm = (flat - lo) / (hi - lo).clamp(min=eps)
-    return norm.sum(dim=1).reshape(cam.shape[0], *cam.shape[2:])
+    return _minmax(cam, eps).sum(dim=1).reshape(cam.shape[0], *cam.shape[2:])
+
+
+def saliency_map(cam: Tensor, class_probs: Tensor, mode: str = "class_sum", eps: float = 1e-6) -> Tensor:
+    """The map the ROI windows are chosen on, (B, h, w).
+
+    ``class_sum``: GMIC's sum of the min-max normalised class maps. Made for multi-label sigmoid
+    outputs: under a softmax over 2 classes the two maps' learned parts are negatives of each other
+    and the sum flattens. ``top_class``: the normalised map of the most probable class of
+    ``class_probs`` (B, C); ``prior_weighted``: the normalised maps weighted by ``class_probs``.
+    """
+    if mode == "class_sum":
+        return normalize_saliency(cam, eps)
+    norm = _minmax(cam, eps)  # (B, C, h*w)
+    if mode == "top_class":
+        top = class_probs.argmax(dim=1)
+        picked = norm[torch.arange(len(top), device=cam.device), top]  # (B, h*w)
+    elif mode == "prior_weighted":
+        picked = (class_probs.unsqueeze(-1) * norm).sum(dim=1)
+    else:
+        raise ValueError(f"unknown saliency mode {mode!r}; choose from {list(SALIENCY_MODES)}")
+    return picked.reshape(cam.shape[0], *cam.shape[2:])
 
 
 def greedy_max_windows(saliency: Tensor, window: tuple[int, int], k: int) -> Tensor:

@@ -13,11 +13,15 @@ from typing import Any
 
 import torch
 
+from diffmic._io import atomic_write_text
 from diffmic.config import DiffMICConfig
+from diffmic.config import replace as replace_config
 from diffmic.data.base import DataBundle
 from diffmic.data.registry import build_data
 from diffmic.errors import CheckpointError, DataError
-from diffmic.models.diffmic import DiffMIC, load_checkpoint_payload
+from diffmic.models.checkpoint import load_checkpoint_payload, model_from_payload, save_model
+from diffmic.models.diffmic import DiffMIC
+from diffmic.runs import RunDir, find_resumable
 
 log = logging.getLogger(__name__)
 
@@ -61,9 +65,6 @@ def _check_data(data: DataBundle) -> None:
         raise DataError(f"{data.source}: need at least 2 classes, found {data.num_classes}")
 
 
-LAST_CHECKPOINT = Path("checkpoints") / "last.ckpt"
-
-
 def _strategy(t: Any) -> Any:
     """DDP needs ``find_unused_parameters``: each manual backward reaches only the denoiser or the DCG."""
     if t.strategy not in ("ddp", "ddp_spawn"):
@@ -95,16 +96,9 @@ def find_resumable_run(cfg: DiffMICConfig) -> Path | None:
     A run is unfinished when it has ``checkpoints/last.ckpt`` but no ``metrics.json``. Unnamed runs
     must also be of the same dataset (their folder name starts with its stem).
     """
-    if cfg.train.run_name:
-        d = Path(cfg.train.out_dir) / cfg.train.run_name
-        return d if (d / LAST_CHECKPOINT).is_file() and not (d / "metrics.json").is_file() else None
-    out = Path(cfg.train.out_dir)
-    if not out.is_dir():
-        return None
     prefix = f"{Path(cfg.data.path).stem or 'run'}-"
-    runs = [d for d in out.iterdir() if d.is_dir() and d.name.startswith(prefix)
-            and (d / LAST_CHECKPOINT).is_file() and not (d / "metrics.json").is_file()]
-    return max(runs, key=lambda d: (d / LAST_CHECKPOINT).stat().st_mtime, default=None)
+    run = find_resumable(cfg.train.out_dir, run_name=cfg.train.run_name, prefix=prefix)
+    return run.path if run is not None else None
 
 
 def resume(run_dir: str | Path, *, data: DataBundle | None = None, callbacks: list[Any] | None = None) -> TrainResult:
@@ -113,24 +107,35 @@ def resume(run_dir: str | Path, *, data: DataBundle | None = None, callbacks: li
     Model, DCG, EMA, optimisers, RNG states, epoch and step, checkpoint selection state and the
     CSV logs all continue where the last completed epoch left them.
     """
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise CheckpointError(f"run folder not found: {run_dir}")
-    config = run_dir / "config.yaml"
-    if not config.is_file():
-        raise CheckpointError(f"{run_dir} is not a diffmic run folder (no config.yaml)")
-    if (run_dir / "metrics.json").is_file():
-        raise CheckpointError(f"{run_dir} already finished (metrics.json exists); nothing to resume")
-    last = run_dir / LAST_CHECKPOINT
-    if not last.is_file():
+    run = RunDir(run_dir)
+    if not run.path.is_dir():
+        raise CheckpointError(f"run folder not found: {run.path}")
+    if not run.config_file.is_file():
+        raise CheckpointError(f"{run.path} is not a diffmic run folder (no {run.config_file.name})")
+    if run.is_finished:
+        raise CheckpointError(f"{run.path} already finished ({run.metrics_file.name} exists); nothing to resume")
+    if not run.last_checkpoint.is_file():
         raise CheckpointError(
-            f"{last} not found: the run stopped before its first epoch ended; start it again instead"
+            f"{run.last_checkpoint} not found: the run stopped before its first epoch ended; start it again instead"
         )
-    cfg = DiffMICConfig.from_yaml(config)
-    split = run_dir / "split.json"
-    if cfg.data.split_file is None and split.is_file():
-        cfg.data.split_file = str(split)  # the split the run was trained on, not a new one
-    return train(cfg, run_dir=run_dir, data=data, callbacks=callbacks, _resume_from=last)
+    cfg = run.load_config()  # with the split the run was trained on
+    return train(cfg, run_dir=run.path, data=data, callbacks=callbacks, _resume_from=run.last_checkpoint)
+
+
+def fit_path_temperature(model: DiffMIC, val: Any, *, batch_size: int = 256) -> float:
+    """Fit the mean-path readout's temperature on the validation split and set it on ``model``.
+
+    softmax(y_0 / T) with T minimising the validation NLL (accuracy does not change).
+    """
+    from diffmic.evaluation.calibration import fit_temperature
+    from diffmic.evaluation.report import predict_readouts
+
+    model.temperature = 1.0
+    probs, _, labels = predict_readouts(model, val, readouts=("mean_path",), batch_size=batch_size)
+    model.temperature = float(fit_temperature(probs["mean_path"], labels, kind="probs"))
+    # The stored config is what a loaded checkpoint is built from: it carries the fitted value.
+    model.config = {**model.config, "eval": {**model.config.get("eval", {}), "temperature": model.temperature}}
+    return model.temperature
 
 
 def train(
@@ -156,6 +161,7 @@ def train(
     from diffmic.training.checkpointing import (
         AtomicCheckpointIO,
         ResumableCSVLogger,
+        lightning_to_model_payload,
         remove_partial_files,
     )
     from diffmic.training.datamodule import ArrayDataModule
@@ -163,6 +169,7 @@ def train(
 
     cfg = DiffMICConfig.from_dict(cfg.to_dict())  # private copy: the caller's config is not changed
     run_dir = Path(run_dir) if run_dir is not None else make_run_dir(cfg)
+    run = RunDir(run_dir)
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
     if data is None:
         data = build_data(cfg.data, run_dir)
@@ -170,11 +177,11 @@ def train(
     resume_epoch = _checkpoint_epoch(_resume_from) if _resume_from is not None else None
     run_dir.mkdir(parents=True, exist_ok=True)  # only once the data is known to be usable
     if cfg.data.class_names is None:
-        cfg.data.class_names = list(data.class_names)
+        cfg = replace_config(cfg, data={"class_names": list(data.class_names)})
     if _resume_from is None:
-        cfg.save(run_dir / "config.yaml")
+        cfg.save(run.config_file)
     else:
-        removed = remove_partial_files(run_dir / "checkpoints")
+        removed = remove_partial_files(run.checkpoint_dir)
         log.info("resuming %s from %s (epoch %d)%s", run_dir, _resume_from, resume_epoch,
                  f"; removed {len(removed)} partial file(s)" if removed else "")
     model_args = {
@@ -187,11 +194,11 @@ def train(
     dm = ArrayDataModule(data, batch_size=cfg.data.batch_size, eval_batch_size=cfg.data.eval_batch_size,
                          num_workers=cfg.data.num_workers)
     ckpt = ModelCheckpoint(
-        dirpath=run_dir / "checkpoints", filename="best", monitor="val/select", mode="max",
+        dirpath=run.checkpoint_dir, filename=run.best_checkpoint.stem, monitor="val/select", mode="max",
         save_top_k=1, save_last=False, enable_version_counter=False,
     )
     # Every epoch (Lightning's save_last only writes when the best checkpoint improved).
-    last = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="last", monitor=None, save_top_k=1,
+    last = ModelCheckpoint(dirpath=run.checkpoint_dir, filename=run.last_checkpoint.stem, monitor=None, save_top_k=1,
                            every_n_epochs=1, enable_version_counter=False)
     callbacks = [ckpt, last, *(callbacks or [])]
     if cfg.train.progress:
@@ -205,7 +212,7 @@ def train(
         plugins=[AtomicCheckpointIO()],
         precision=t.precision,  # type: ignore[arg-type]
         callbacks=callbacks,
-        logger=ResumableCSVLogger(run_dir, name="logs", version="", flush_logs_every_n_steps=1,
+        logger=ResumableCSVLogger(run_dir, name=run.log_file.parent.name, version="", flush_logs_every_n_steps=1,
                                   resume_epoch=resume_epoch),
         default_root_dir=run_dir,
         num_sanity_val_steps=0,
@@ -218,16 +225,19 @@ def train(
     trainer.fit(module, datamodule=dm, ckpt_path=_resume_from)
     fit_seconds = time.time() - start
     if trainer.global_rank != 0:
-        return TrainResult(run_dir, run_dir / "model.pt", Path(ckpt.best_model_path or ""), {})
+        return TrainResult(run_dir, run.model_file, Path(ckpt.best_model_path or ""), {})
 
     best = Path(ckpt.best_model_path) if ckpt.best_model_path else Path(last.best_model_path)
     payload = load_checkpoint_payload(best)
-    model = DiffMIC.from_payload(payload, source=best)
+    model = model_from_payload(lightning_to_model_payload(payload, best), source=best)
     selected_epoch = int(payload.get("epoch", -1))
-    model_path = run_dir / "model.pt"
-    model.save(model_path, extra={"selected_epoch": selected_epoch, "git_commit": _git_commit()})
-
     e = cfg.eval
+    fitted = fit_path_temperature(model, data.val, batch_size=cfg.data.eval_batch_size) \
+        if e.fit_temperature and model.readout == "mean_path" else None
+    model_path = run.model_file
+    save_model(model, model_path, extra={"selected_epoch": selected_epoch, "git_commit": _git_commit(),
+                                         "fitted_temperature": fitted})
+
     reports = {
         split: evaluate(model, data.split(split), split=split, batch_size=cfg.data.eval_batch_size,
                         samples=e.samples, seed=e.seed).to_dict()
@@ -238,13 +248,14 @@ def train(
         "class_names": data.class_names,
         "selected_epoch": selected_epoch,
         "select_metric": f"val/{t.select_metric}",
+        "readout": model.readout,
+        "temperature": model.temperature,
+        "temperature_fitted_on_val": fitted is not None,
         "fit_seconds": round(fit_seconds, 1),
         "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
         "git_commit": _git_commit(),
         **reports,
     }
-    tmp = run_dir / "metrics.json.tmp"
-    tmp.write_text(json.dumps(metrics, indent=2))
-    tmp.replace(run_dir / "metrics.json")
+    atomic_write_text(run.metrics_file, json.dumps(metrics, indent=2))
     return TrainResult(run_dir, model_path, best, metrics)

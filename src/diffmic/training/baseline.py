@@ -69,7 +69,7 @@ class ClassifierModule(L.LightningModule):
         return torch.optim.Adam(self.parameters(), lr=t.lr, weight_decay=t.weight_decay)
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        images, y = batch
+        images, y = batch[0], batch[1]
         t = self.cfg.train
         epoch = self.current_epoch + batch_idx / max(1, int(self.trainer.num_training_batches))
         lr = warmup_cosine(epoch, lr=t.lr, min_lr=t.min_lr, warmup=min(t.warmup_epochs, self.epochs),

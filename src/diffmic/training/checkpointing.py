@@ -1,4 +1,4 @@
-"""Crash safety for training runs: atomic checkpoint files, RNG state, resumable CSV logs.
+"""Training checkpoints: atomic files, RNG state, resumable CSV logs, and reading a ``.ckpt`` as a model.
 
 A checkpoint is written to a temporary file in the same folder, flushed to disk and renamed over
 the target (``os.replace`` is atomic on POSIX), so a run killed at any moment leaves either the
@@ -10,7 +10,7 @@ rename, whenever /tmp is another filesystem.)
 from __future__ import annotations
 
 import csv
-import os
+import io
 import random
 from pathlib import Path
 from typing import Any
@@ -22,10 +22,46 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from diffmic._io import PARTIAL_SUFFIX, atomic_torch_save
+from diffmic._io import PARTIAL_SUFFIX, atomic_torch_save, atomic_write_text
+from diffmic.errors import CheckpointError
+from diffmic.models.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION
 
-__all__ = ["AtomicCheckpointIO", "ResumableCSVLogger", "atomic_torch_save", "remove_partial_files",
-           "rng_state", "set_rng_state"]
+__all__ = ["AtomicCheckpointIO", "ResumableCSVLogger", "atomic_torch_save", "is_lightning_checkpoint",
+           "lightning_to_model_payload", "remove_partial_files", "rng_state", "set_rng_state"]
+
+# Where DiffMICModule keeps the model and the EMA copy of the denoiser in its state_dict
+# (``DiffMICModule.model`` and ``DiffMICModule.ema.shadow``; tests/training check the names).
+MODEL_PREFIX = "model."
+EMA_PREFIX = "ema.shadow."
+
+
+def is_lightning_checkpoint(payload: dict[str, Any]) -> bool:
+    return "hyper_parameters" in payload and "state_dict" in payload
+
+
+def lightning_to_model_payload(payload: dict[str, Any], source: str | Path = "checkpoint") -> dict[str, Any]:
+    """A Lightning ``.ckpt`` of a DiffMIC run -> the model-file dict of :mod:`diffmic.models.checkpoint`.
+
+    The weights are those of ``DiffMICModule.model``; with ``train.ema_eval`` the denoiser's are
+    the EMA copy, as at validation. ``extra`` records the checkpoint's ``epoch``.
+    """
+    if not is_lightning_checkpoint(payload):
+        raise CheckpointError(f"{source}: not a diffmic checkpoint (no format marker)")
+    hp = payload["hyper_parameters"]
+    cfg_dict, args = hp.get("config"), hp.get("model_args")
+    if cfg_dict is None or args is None:
+        raise CheckpointError(f"{source}: Lightning checkpoint without a diffmic config")
+    sd = payload["state_dict"]
+    state = {k[len(MODEL_PREFIX):]: v for k, v in sd.items() if k.startswith(MODEL_PREFIX)}
+    if (cfg_dict or {}).get("train", {}).get("ema_eval", False):  # export the EMA denoiser
+        ema = {"denoiser." + k[len(EMA_PREFIX):]: v for k, v in sd.items() if k.startswith(EMA_PREFIX)}
+        if not ema:
+            raise CheckpointError(f"{source}: train.ema_eval is set but the checkpoint holds no EMA weights "
+                                  f"({EMA_PREFIX}*)")
+        state.update(ema)
+    return {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "config": cfg_dict,
+            "model_args": args, "state_dict": state, "extra": {"epoch": payload.get("epoch")}}
+
 
 def remove_partial_files(folder: str | Path) -> list[Path]:
     """Delete temporary checkpoint files left by a killed writer; returns what was removed."""
@@ -99,12 +135,11 @@ class _AppendingWriter(ExperimentWriter):
             reader = csv.DictReader(f)
             header = list(reader.fieldnames or [])
             rows = [r for r in reader if not _epoch_at_or_after(r.get("epoch"), self._resume_epoch)]
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=header)
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(tmp, path)
+        buf = io.StringIO(newline="")
+        writer = csv.DictWriter(buf, fieldnames=header)
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write_text(path, buf.getvalue())
         self.metrics_keys = sorted(header)
 
 

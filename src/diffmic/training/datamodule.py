@@ -27,7 +27,7 @@ class ArrayDataModule(L.LightningDataModule):
         self.num_workers = num_workers
 
     def train_dataloader(self) -> DataLoader:
-        ds = ArrayDataset(self.data.train)
+        ds = IndexedDataset(self.data.train)  # the index selects cross-fitted priors
         return DataLoader(ds, batch_size=self.batch_size, shuffle=True, num_workers=self.num_workers,
                           drop_last=len(ds) > self.batch_size, persistent_workers=self.num_workers > 0)
 

@@ -14,12 +14,13 @@ from torch import Tensor
 
 from diffmic.config import DiffMICConfig
 from diffmic.diffusion.losses import antithetic_timesteps, diffmic_loss
+from diffmic.diffusion.readout import readout_probs
 from diffmic.evaluation.metrics import classification_metrics
-from diffmic.models.diffmic import probs_from_y0
 from diffmic.models.factory import build_model
 from diffmic.models.guidance import GuidanceOutput
 from diffmic.training.augment import augment_batch
 from diffmic.training.checkpointing import rng_state, set_rng_state
+from diffmic.training.crossfit import CrossFit, crossfit_priors
 from diffmic.training.ema import EMA
 
 
@@ -44,9 +45,12 @@ def warmup_cosine(epoch: float, *, lr: float, min_lr: float, warmup: float, tota
 class DiffMICModule(L.LightningModule):
     """Training system around :class:`~diffmic.models.DiffMIC`.
 
-    Epochs ``[0, dcg_pretrain_epochs)`` train the DCG alone with cross-entropy; later epochs run
-    the three-stream diffusion step (features computed once, priors under ``no_grad``) followed,
-    when ``joint_train``, by one DCG cross-entropy step on the same batch.
+    Epochs ``[0, dcg_pretrain_epochs)`` train the DCG alone with cross-entropy (learning rate
+    ``dcg_lr``, constant or warm-up + cosine per iteration); later epochs run the three-stream
+    diffusion step (features computed once, priors under ``no_grad``) followed, when
+    ``joint_train``, by one DCG cross-entropy step on the same batch (at ``dcg_joint_lr``). With
+    ``crossfit_folds = k``, the priors of the diffusion step are the out-of-fold priors of k fold
+    DCGs (:mod:`diffmic.training.crossfit`), computed once at the start of the joint phase.
 
     Args:
         config: the resolved config as a plain dict (stored in checkpoints).
@@ -60,6 +64,7 @@ class DiffMICModule(L.LightningModule):
         self.model = build_model(self.cfg, **model_args)
         self.ema = EMA(self.model.denoiser, self.cfg.train.ema_decay)
         self.automatic_optimization = False
+        self.crossfit: CrossFit | None = None
         self._val_outputs: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []
 
     # ------------------------------------------------------------------ phases
@@ -73,13 +78,29 @@ class DiffMICModule(L.LightningModule):
         epoch = self.current_epoch - t.dcg_pretrain_epochs + batch_idx / batches
         return warmup_cosine(epoch, lr=t.lr, min_lr=t.min_lr, warmup=t.warmup_epochs, total=t.epochs)
 
+    def dcg_lr_at(self, epoch: float) -> float:
+        """DCG learning rate at a fractional epoch of pre-training (``train.dcg_schedule``)."""
+        t = self.cfg.train
+        if t.dcg_schedule == "constant":
+            return t.dcg_lr
+        return warmup_cosine(epoch, lr=t.dcg_lr, min_lr=0.0, warmup=min(t.dcg_warmup_epochs, t.dcg_pretrain_epochs),
+                             total=t.dcg_pretrain_epochs)
+
+    def _dcg_lr_now(self, batch_idx: int) -> float:
+        t = self.cfg.train
+        if not self.pretraining:
+            return t.dcg_lr if t.dcg_joint_lr is None else t.dcg_joint_lr
+        batches = max(1, int(self.trainer.num_training_batches))
+        return self.dcg_lr_at(self.current_epoch + batch_idx / batches)
+
+    def _dcg_optimizer(self, params: Any) -> torch.optim.Optimizer:
+        t = self.cfg.train
+        return torch.optim.Adam(params, lr=t.dcg_lr, weight_decay=t.dcg_weight_decay, amsgrad=True)
+
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         t = self.cfg.train
         denoiser = torch.optim.Adam(self.model.denoiser.parameters(), lr=t.lr, weight_decay=t.weight_decay)
-        dcg = torch.optim.Adam(
-            self.model.guidance.parameters(), lr=t.dcg_lr, weight_decay=t.dcg_weight_decay, amsgrad=True
-        )
-        return [denoiser, dcg]
+        return [denoiser, self._dcg_optimizer(self.model.guidance.parameters())]
 
     # ------------------------------------------------------------- checkpoints
     def on_train_end(self) -> None:
@@ -88,10 +109,46 @@ class DiffMICModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Add the generator states, so a resumed run draws what the uninterrupted one would."""
         checkpoint["diffmic_rng"] = rng_state()
+        if self.crossfit is not None:
+            checkpoint["diffmic_crossfit"] = self.crossfit.to_state()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if "diffmic_rng" in checkpoint:
             set_rng_state(checkpoint["diffmic_rng"])
+        if "diffmic_crossfit" in checkpoint:
+            self.crossfit = CrossFit.from_state(checkpoint["diffmic_crossfit"])
+
+    # ------------------------------------------------------------ cross-fitting
+    def on_train_epoch_start(self) -> None:
+        t = self.cfg.train
+        if t.crossfit_folds >= 2 and not self.pretraining and self.crossfit is None:
+            self.crossfit = self._fit_crossfit()
+
+    def _fit_crossfit(self) -> CrossFit:
+        """Train the fold DCGs on the training split (the RNG streams of the run are not touched)."""
+        t, m = self.cfg.train, self.model
+        train = self.trainer.datamodule.data.train
+        images = torch.from_numpy(train.images).permute(0, 3, 1, 2).to(self.device)
+        labels = torch.from_numpy(train.labels).long().to(self.device)
+
+        def make_dcg(fold: int) -> Any:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(t.seed * 1000 + 17 + fold)
+                args = self.hparams["model_args"]
+                return build_model(self.cfg, **args).guidance.to(self.device)
+
+        with torch.random.fork_rng(devices=[]):  # augmentation draws stay off the run's stream
+            torch.manual_seed(t.seed * 1000 + 3)
+            with torch.enable_grad():
+                fit = crossfit_priors(
+                    make_dcg, images, labels, folds=t.crossfit_folds, epochs=t.dcg_pretrain_epochs,
+                    batch_size=self.cfg.data.batch_size, eval_batch_size=self.cfg.data.eval_batch_size,
+                    inputs=self._inputs, loss_fn=self._aux_loss,
+                    make_optimizer=lambda dcg: self._dcg_optimizer(dcg.parameters()),
+                    lr_at=self.dcg_lr_at, seed=t.seed,
+                )
+        m.guidance.train()
+        return fit
 
     # ---------------------------------------------------------------- training
     def _inputs(self, images: Tensor, train: bool) -> Tensor:
@@ -107,8 +164,10 @@ class DiffMICModule(L.LightningModule):
             loss = loss + F.cross_entropy(guide.logits_global, y) + F.cross_entropy(guide.logits_local, y)
         return loss
 
-    def _dcg_step(self, x: Tensor, y: Tensor) -> Tensor:
+    def _dcg_step(self, x: Tensor, y: Tensor, batch_idx: int) -> Tensor:
         _, opt = self.optimizers()
+        for group in opt.param_groups:
+            group["lr"] = self._dcg_lr_now(batch_idx)
         self.model.guidance.train()
         guide = self.model.guidance(x)
         loss = self._aux_loss(guide, y)
@@ -119,11 +178,11 @@ class DiffMICModule(L.LightningModule):
         self.log_dict({"train/dcg_loss": loss.detach(), "train/dcg_acc": acc}, on_step=False, on_epoch=True, batch_size=len(y))
         return loss.detach()
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        images, y = batch
+    def training_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> None:
+        images, y = batch[0], batch[1]  # training batches also carry the image index
         x = self._inputs(images, train=True)
         if self.pretraining:
-            self._dcg_step(x, y)
+            self._dcg_step(x, y, batch_idx)
             return
         model, t_cfg = self.model, self.cfg.train
         opt, _ = self.optimizers()
@@ -135,7 +194,11 @@ class DiffMICModule(L.LightningModule):
         with torch.no_grad():
             guide = model.guidance(x)
         model.guidance.train()
-        priors = [guide.logits.softmax(1), guide.logits_global.softmax(1), guide.logits_local.softmax(1)]
+        if self.crossfit is not None:  # out-of-fold priors of these (un-augmented) images
+            oof = self.crossfit.priors.to(x.device)[batch[2]]
+            priors = [oof[:, 0], oof[:, 1], oof[:, 2]]
+        else:
+            priors = [guide.logits.softmax(1), guide.logits_global.softmax(1), guide.logits_local.softmax(1)]
         feats = model.encode(x, guide)  # once for all three streams and all noise draws
         k = t_cfg.noise_draws
         if k > 1:  # K independent (t, ε) per image, as a K·B batch for the cheap MLP
@@ -158,7 +221,7 @@ class DiffMICModule(L.LightningModule):
         )
         self.log("loss", losses["loss"].detach(), prog_bar=True, on_step=True, on_epoch=False, logger=False)
         if t_cfg.joint_train:
-            self._dcg_step(x, batch[1])
+            self._dcg_step(x, batch[1], batch_idx)
 
     # -------------------------------------------------------------- validation
     @contextmanager
@@ -208,10 +271,14 @@ class DiffMICModule(L.LightningModule):
         if self.pretraining:
             probs = prior
         else:
+            readout = self.model.readout  # select on the readout that ships
             with self.ema_weights():
                 feats = self.model.encode(x, guide)
-                y0 = self.model.sample_y0(feats, prior, samples=self.cfg.eval.samples, generator=self._val_gen)
-            probs = probs_from_y0(y0, self.model.temperature)
+                chains, path = self.model.run_chains(
+                    feats, prior, samples=self.cfg.eval.samples, path=readout == "mean_path",
+                    chains=readout != "mean_path", generator=self._val_gen,
+                )
+            probs = readout_probs(readout, temperature=self.model.temperature, chains=chains, path=path)
         self._val_outputs.append((probs, prior, y, index))
 
     def on_validation_epoch_end(self) -> None:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffmic.evaluation.uncertainty import class_intervals, predictive_entropy, vote_fractions
+from diffmic.diffusion.uncertainty import class_intervals, predictive_entropy, vote_fractions
 
 
 def test_vote_fractions_hand_computed():

@@ -1,0 +1,99 @@
+"""DiffMIC's readouts at the model level, ROI saliency and denoiser dropout options."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from diffmic.config import DiffMICConfig
+from diffmic.errors import ConfigError
+from diffmic.models import DiffMIC, build_model
+
+OVERRIDES = [
+    "data.path=x",
+    "model.backbone=test_resnet",
+    "model.denoiser_backbone=test_resnet",
+    "model.feature_dim=32",
+    "model.denoiser_skip=true",
+    "diffusion.timesteps=50",
+    "diffusion.sampling_steps=5",
+]
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def make(*extra: str, num_classes: int = 3) -> DiffMIC:
+    torch.manual_seed(0)
+    cfg = DiffMICConfig.from_yaml(None, [*OVERRIDES, *extra])
+    return build_model(cfg, num_classes=num_classes, in_chans=3, image_size=28).eval()
+
+
+def images(n=5):
+    return torch.rand(n, 3, 28, 28, generator=torch.Generator().manual_seed(0))
+
+
+@torch.no_grad()
+def test_mean_path_of_an_untrained_skip_model_is_its_prior():
+    m = make("eval.readout=mean_path", "eval.temperature=1.0")
+    out = m(m.normalize(images()))
+    assert out.path is not None and out.y0.shape == (1, 5, 3)
+    assert torch.equal(out.path, out.prior)
+    torch.testing.assert_close(out.probs, out.prior.softmax(1))
+
+
+@torch.no_grad()
+def test_mean_path_with_samples_keeps_chains_for_uncertainty():
+    m = make("eval.readout=mean_path")
+    x = m.normalize(images())
+    one = m(x)
+    many = m(x, samples=4, generator=torch.Generator().manual_seed(0))
+    assert many.y0.shape == (4, 5, 3)
+    assert torch.equal(many.probs, one.probs)  # the class and probabilities come from the path
+    d = m.predict_details(images(), samples=4, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(d["probs"], one.probs)
+    assert not torch.equal(d["interval_low"], d["interval_high"])  # from the 4 chains
+    torch.testing.assert_close(d["votes"].sum(1), torch.ones(5))
+
+
+@torch.no_grad()
+def test_readouts_share_chains_and_vote_is_the_majority():
+    from diffmic.diffusion.readout import mean_softmax_probs, vote_probs
+
+    m = make("eval.samples=6")
+    x = m.normalize(images())
+    vote = m(x, samples=6, generator=torch.Generator().manual_seed(3), readout="vote")
+    soft = m(x, samples=6, generator=torch.Generator().manual_seed(3), readout="mean_softmax")
+    assert torch.equal(vote.y0, soft.y0)
+    assert torch.equal(vote.probs, vote_probs(vote.y0, m.temperature))
+    assert torch.equal(soft.probs, mean_softmax_probs(soft.y0, m.temperature))
+
+
+def test_readout_and_options_are_validated():
+    for bad in ("eval.readout=median", "model.roi_saliency=max", "model.denoiser_dropout=1.5",
+                "train.crossfit_folds=1", "train.dcg_schedule=step"):
+        with pytest.raises(ConfigError):
+            DiffMICConfig.from_yaml(None, [*OVERRIDES, bad])
+
+
+@torch.no_grad()
+def test_roi_saliency_option_reaches_the_dcg_and_changes_the_crops_of_a_binary_model():
+    a = make("model.roi_saliency=class_sum", num_classes=2)
+    b = make("model.roi_saliency=top_class", num_classes=2)
+    assert a.guidance.roi_saliency == "class_sum" and b.guidance.roi_saliency == "top_class"
+    b.load_state_dict(a.state_dict())
+    x = a.normalize(torch.rand(8, 3, 28, 28, generator=torch.Generator().manual_seed(1)))
+    ga, gb = a.guidance(x), b.guidance(x)
+    torch.testing.assert_close(ga.logits_global, gb.logits_global)
+    assert not torch.equal(ga.corners, gb.corners)
+
+
+def test_denoiser_dropout_is_active_in_training_only():
+    m = make("model.denoiser_dropout=0.5")
+    feats = torch.randn(16, 32)
+    y, p, t = torch.randn(16, 3), torch.rand(16, 3), torch.arange(16)
+    m.denoiser.eval()
+    with torch.no_grad():
+        assert torch.equal(m.denoiser.denoise(feats, y, p, t), m.denoiser.denoise(feats, y, p, t))
+        torch.nn.init.normal_(m.denoiser.out.weight)  # make the MLP path visible in the output
+        m.denoiser.train()
+        assert not torch.equal(m.denoiser.denoise(feats, y, p, t), m.denoiser.denoise(feats, y, p, t))

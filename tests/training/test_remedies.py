@@ -1,0 +1,126 @@
+"""Training remedies of the diffusion-vs-prior work: frozen DCG, cross-fitted priors, DCG recipe."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY_OVERRIDES
+from test_training_units import _synthetic_bundle
+
+from diffmic.config import DiffMICConfig
+from diffmic.training.crossfit import crossfit_priors, stratified_folds
+from diffmic.training.module import DiffMICModule, warmup_cosine
+
+BASE = ["data.path=synthetic", *TINY_OVERRIDES, "data.batch_size=16", "eval.samples=2",
+        "train.dcg_pretrain_epochs=1", "train.epochs=2", "train.warmup_epochs=1.0"]
+
+
+def _state(module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+class Snapshots:
+    """A Lightning callback keeping the DCG and denoiser states at the start of the joint phase and at the end."""
+
+    def __new__(cls):
+        import lightning as L
+
+        class _Cb(L.Callback):
+            def __init__(self):
+                self.start = self.end = None
+
+            def on_train_epoch_start(self, trainer, pl_module):
+                if trainer.current_epoch == pl_module.cfg.train.dcg_pretrain_epochs:
+                    self.start = (_state(pl_module.model.guidance), _state(pl_module.model.denoiser))
+
+            def on_train_end(self, trainer, pl_module):
+                self.end = (_state(pl_module.model.guidance), _state(pl_module.model.denoiser))
+
+        return _Cb()
+
+
+@pytest.mark.parametrize("joint", [False, True])
+def test_frozen_dcg_is_bit_identical_through_the_joint_phase(tmp_path, joint):
+    from diffmic.training import api
+
+    cb = Snapshots()
+    cfg = DiffMICConfig.from_yaml(None, [*BASE, f"train.joint_train={str(joint).lower()}",
+                                         f"train.out_dir={tmp_path}", "train.run_name=r"])
+    api.train(cfg, data=_synthetic_bundle(), callbacks=[cb])
+    (g0, d0), (g1, d1) = cb.start, cb.end
+    assert any(not torch.equal(d0[k], d1[k]) for k in d0)  # the denoiser trained
+    dcg_same = all(torch.equal(g0[k], g1[k]) for k in g0)  # weights and BN buffers
+    assert dcg_same is (not joint)
+
+
+def test_stratified_folds_balance_every_class():
+    labels = np.array([0] * 10 + [1] * 7 + [2] * 3)
+    folds = stratified_folds(labels, 3, seed=0)
+    assert set(folds) == {0, 1, 2}
+    for c in range(3):
+        counts = np.bincount(folds[labels == c], minlength=3)
+        assert counts.max() - counts.min() <= 1
+    assert np.bincount(folds).max() - np.bincount(folds).min() <= 1
+    assert not np.array_equal(folds, stratified_folds(labels, 3, seed=1))
+
+
+def test_crossfit_no_image_prior_comes_from_a_dcg_that_trained_on_it():
+    from diffmic.models import build_model
+
+    cfg = DiffMICConfig.from_yaml(None, BASE)
+    data = _synthetic_bundle(n=40)
+    images = torch.from_numpy(data.train.images).permute(0, 3, 1, 2)
+    labels = torch.from_numpy(data.train.labels).long()
+    module = DiffMICModule(cfg.to_dict(), {"num_classes": 3, "in_chans": 3, "image_size": 28})
+    fit = crossfit_priors(
+        lambda f: build_model(cfg, num_classes=3, in_chans=3, image_size=28).guidance,
+        images, labels, folds=4, epochs=2, batch_size=8, eval_batch_size=16,
+        inputs=module._inputs, loss_fn=module._aux_loss,
+        make_optimizer=lambda dcg: torch.optim.Adam(dcg.parameters(), lr=1e-3), lr_at=lambda e: 1e-3, seed=0,
+    )
+    assert fit.priors.shape == (40, 3, 3) and fit.folds.shape == (40,)
+    torch.testing.assert_close(fit.priors.sum(-1), torch.ones(40, 3))
+    for i in range(40):  # the record of what each fold DCG drew in training
+        assert i not in set(fit.trained_on[int(fit.folds[i])].tolist())
+    for f in range(4):  # fold DCGs train on the other folds' images (drop_last may leave a few out)
+        others = set(torch.nonzero(fit.folds != f).squeeze(1).tolist())
+        drawn = set(fit.trained_on[f].tolist())
+        assert drawn <= others and len(drawn) >= 0.75 * len(others)
+
+
+def test_crossfit_training_feeds_out_of_fold_priors_and_checkpoints_them(tmp_path, monkeypatch):
+    from diffmic.diffusion.schedule import CardSchedule
+    from diffmic.training import api
+
+    seen: list[torch.Tensor] = []
+    original = CardSchedule.q_sample
+
+    def record(self, y0, prior, t, eps):
+        seen.append(prior.detach().clone())
+        return original(self, y0, prior, t, eps)
+
+    monkeypatch.setattr(CardSchedule, "q_sample", record)
+    cfg = DiffMICConfig.from_yaml(None, [*BASE, "train.crossfit_folds=2", "train.noise_draws=1",
+                                         f"train.out_dir={tmp_path}", "train.run_name=r"])
+    result = api.train(cfg, data=_synthetic_bundle())
+    ckpt = torch.load(result.run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    oof = ckpt["diffmic_crossfit"]["priors"]  # (N, 3, C)
+    assert oof.shape == (48, 3, 3) and seen
+    table = {tuple(r) for r in oof.reshape(-1, 3).round(decimals=5).tolist()}
+    for prior in seen:  # every prior of the diffusion loss is an out-of-fold row
+        assert {tuple(r) for r in prior.round(decimals=5).tolist()} <= table
+    assert "diffmic_crossfit" not in torch.load(result.model_path, weights_only=True)["state_dict"]
+
+
+def test_dcg_recipe_schedule_and_joint_rate():
+    cfg = DiffMICConfig.from_yaml(None, [*BASE, "train.dcg_pretrain_epochs=4", "train.dcg_lr=1e-3",
+                                         "train.dcg_schedule=warmup_cosine", "train.dcg_warmup_epochs=1",
+                                         "train.dcg_joint_lr=5e-5"])
+    m = DiffMICModule(cfg.to_dict(), {"num_classes": 3, "in_chans": 3, "image_size": 28})
+    for e in (0.0, 0.5, 1.0, 2.5, 4.0):
+        assert m.dcg_lr_at(e) == pytest.approx(warmup_cosine(e, lr=1e-3, min_lr=0.0, warmup=1.0, total=4.0))
+    assert m.dcg_lr_at(1.0) == pytest.approx(1e-3) and m.dcg_lr_at(4.0) == pytest.approx(0.0, abs=1e-12)
+    const = DiffMICModule(DiffMICConfig.from_yaml(None, BASE).to_dict(),
+                          {"num_classes": 3, "in_chans": 3, "image_size": 28})
+    assert const.dcg_lr_at(0.3) == const.cfg.train.dcg_lr == 2e-4  # the original's constant rate
