@@ -203,8 +203,11 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         check_output_file(args.out, ConfigError, [args.checkpoint, *([args.data] if args.data else [])])
     if args.plots:
         prepare_output_dir(args.plots, ConfigError)
+    model = load_model(args.checkpoint)
+    if args.out:  # the stored dataset is an input too
+        check_output_file(args.out, ConfigError, [args.data or model.config.get("data", {}).get("path", "")])
     ev = evaluate_checkpoint(
-        args.checkpoint, model=load_model(args.checkpoint), split=args.split, data_path=args.data,
+        args.checkpoint, model=model, split=args.split, data_path=args.data,
         data_format=args.format, samples=args.samples, sampler=args.sampler, num_steps=args.steps,
         seed=args.seed, calibrate=args.calibrate,
     )
@@ -332,6 +335,8 @@ def _cmd_explain(args: argparse.Namespace) -> int:
 
 def _cmd_report(args: argparse.Namespace) -> int:
     if args.out:  # the run folder's files (model, config, metrics, split, logs) are its inputs
+        if not args.run_dir.is_dir():
+            raise ConfigError(f"run folder not found: {args.run_dir}")
         check_output_file(args.out, ConfigError,
                           [p for p in args.run_dir.rglob("*") if p.is_file() and p.suffix != ".html"])
     from diffmic.evaluation.html_report import write_report
