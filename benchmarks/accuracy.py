@@ -108,6 +108,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--no-docs", action="store_true", help="do not update the markdown file")
     p.add_argument("--train-split", action="store_true",
                    help="also evaluate DiffMIC rows on their training images (memorisation diagnostic)")
+    p.add_argument("--render", action="store_true",
+                   help="train nothing: rewrite the docs section from the finished runs in --out")
     p.add_argument("--section", default="accuracy", help="name of the docs section to (re)write")
     p.add_argument("--title", help="heading of the docs section")
     p.add_argument("--work-dir", type=Path, help="run folders (default: <out folder>/tmp-<out name>, kept until "
@@ -349,6 +351,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     out = args.out or common.RESULTS / f"accuracy-{common.timestamp()}.json"
+    if args.render:
+        if not out.is_file():
+            print(f"accuracy: error: --render needs an existing --out file, {out} not found", file=sys.stderr)
+            return 2
+        result = json.loads(out.read_text())
+        result["summary"] = summarise(result["runs"])
+        common.update_section(args.docs, args.section, markdown(result))
+        print(f"[accuracy] rewrote the {args.section} section of {args.docs} from {out}")
+        return 0
     work = args.work_dir or out.parent / f"tmp-{out.stem}"
     work.mkdir(parents=True, exist_ok=True)
     runs: list[dict[str, Any]] = []

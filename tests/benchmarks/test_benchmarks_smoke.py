@@ -113,6 +113,12 @@ def test_accuracy_and_speed_smoke(tiny: dict[str, Path], keep_threads: None) -> 
     again = json.loads(out.read_text())
     assert [(r["row"], r["fit_seconds"]) for r in again["runs"]] == \
         [(r["row"], r["fit_seconds"]) for r in json.loads(before)["runs"]]
+    # --render trains nothing and writes the table of the finished runs into a named section
+    rc = accuracy.main(["--data-dir", str(tiny["data"]), "--config", str(tiny["config"]), "--out", str(out),
+                        "--docs", str(tiny["docs"]), "--render", "--section", "screen", "--title", "Screen"])
+    assert rc == 0 and json.loads(out.read_text()) == again  # the results file is not touched
+    screen = tiny["docs"].read_text().split("<!-- screen:start -->")[1].split("<!-- screen:end -->")[0]
+    assert "## Screen" in screen and "| retinamnist | diffmic |" in screen
 
     out = tiny["tmp"] / "speed.json"
     rc = speed.main([
