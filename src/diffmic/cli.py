@@ -27,7 +27,8 @@ EXAMPLES = {
              "  diffmic train --resume runs/retinamnist-20261126-101500   # continue a killed run",
     "evaluate": "examples:\n  diffmic evaluate --checkpoint runs/retinamnist/model.pt --split test --out test.json\n"
                 "  diffmic evaluate --checkpoint runs/retinamnist/model.pt --calibrate --out test.json "
-                "--plots figures/",
+                "--plots figures/\n"
+                "  diffmic evaluate --checkpoint runs/retinamnist/model.pt --out test.json --medmnist-csv results/",
     "report": "example:\n  diffmic report runs/retinamnist --out retinamnist-report.html",
     "predict": "example:\n  diffmic predict --checkpoint runs/retinamnist/model.pt img1.png img2.jpg --out preds.csv",
     "explain": "example:\n  diffmic explain --checkpoint runs/retinamnist/model.pt img1.png img2.jpg --out explain/",
@@ -89,6 +90,9 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--calibrate", action="store_true",
                    help="fit a temperature on the val split and add an 'uncertainty' section: ECE before/after "
                         "temperature scaling, AURC, accuracy at 100/90/80/70/50%% coverage")
+    e.add_argument("--medmnist-csv", type=Path, metavar="DIR",
+                   help="also write the official MedMNIST result file {flag}_{split}_[AUC]..._[ACC]...@{run}.csv "
+                        "into DIR (MedMNIST data only) and, with medmnist installed, its Evaluator's ACC/AUC")
 
     pr = add("predict", "Predict class probabilities for image files (PNG/JPEG/...).")
     pr.add_argument("--checkpoint", required=True, type=Path, help="model.pt or a Lightning .ckpt")
@@ -217,6 +221,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         raise DataError(
             f"{data.source} has {data.num_classes} classes but the checkpoint predicts {model.num_classes}"
         )
+    if args.medmnist_csv:  # before predicting: a MedMNIST dataset and a writable folder
+        from diffmic.evaluation.medmnist_format import prepare_folder, result_flag
+        result_flag(data), prepare_folder(args.medmnist_csv)
     calibrate_on = None
     if args.calibrate:
         calibrate_on = data.val
@@ -239,6 +246,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     )
     if args.plots:
         _write_eval_plots(args.plots, report, probs, priors, labels, model.class_names)
+    if args.medmnist_csv:  # the official MedMNIST result file; medmnist.Evaluator's ACC/AUC next to ours
+        from diffmic.evaluation.medmnist_format import write_medmnist_result
+        print(write_medmnist_result(args.medmnist_csv, probs, data, args.split, ours=report.diffusion,
+                                    checkpoint=args.checkpoint).summary(), file=sys.stdout if args.out else sys.stderr)
     if args.out:
         _check_writable(args.out)
         report.to_json(args.out)
