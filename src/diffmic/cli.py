@@ -459,6 +459,36 @@ COMMANDS = {
 }
 
 
+class _StderrHandler(logging.StreamHandler):
+    """A handler on whatever ``sys.stderr`` is when a record is written (tests replace it)."""
+
+    @property  # type: ignore[override]
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+def _configure_logging() -> None:
+    """diffmic's own messages: one line each on stderr, through one handler on the ``diffmic`` logger.
+
+    The root logger is left alone on purpose. ``import lightning`` puts an ``INFO: ...`` handler on the
+    ``lightning`` logger, and ``lightning.pytorch`` / ``lightning.fabric`` add their own plain handler
+    (and stop propagating) only when the root logger has none. A root handler here (the former
+    ``logging.basicConfig``) therefore printed every Lightning line twice: ``INFO: GPU available ...``
+    and again ``GPU available ...``.
+    """
+    log = logging.getLogger("diffmic")
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    if not any(isinstance(h, _StderrHandler) for h in log.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit code (0 ok, 1 error, 2 usage error, 130 interrupted)."""
     parser = _parser()
@@ -471,9 +501,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    _configure_logging()
     if not args.debug:
         warnings.filterwarnings("ignore", category=UserWarning, module="lightning")
+        # deprecations inside the libraries (e.g. Lightning's use of torch's LeafSpec): nothing a user can act on
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"(lightning|torch|timm|torchmetrics)\b")
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     try:
