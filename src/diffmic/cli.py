@@ -24,7 +24,8 @@ EXAMPLES = {
              "  diffmic train --resume runs/retinamnist-20261126-101500   # continue a killed run",
     "evaluate": "examples:\n  diffmic evaluate --checkpoint runs/retinamnist/model.pt --split test --out test.json\n"
                 "  diffmic evaluate --checkpoint runs/retinamnist/model.pt --calibrate --out test.json "
-                "--plots figures/",
+                "--plots figures/\n"
+                "  diffmic evaluate --checkpoint runs/retinamnist/model.pt --out test.json --medmnist-csv results/",
     "report": "example:\n  diffmic report runs/retinamnist --out retinamnist-report.html",
     "predict": "example:\n  diffmic predict --checkpoint runs/retinamnist/model.pt img1.png img2.jpg --out preds.csv",
     "explain": "example:\n  diffmic explain --checkpoint runs/retinamnist/model.pt img1.png img2.jpg --out explain/",
@@ -97,6 +98,9 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--calibrate", action="store_true",
                    help="fit a temperature on the val split and add an 'uncertainty' section: ECE before/after "
                         "temperature scaling, AURC, accuracy at 100/90/80/70/50%% coverage")
+    e.add_argument("--medmnist-csv", type=Path, metavar="DIR",
+                   help="also write the official MedMNIST result file {flag}_{split}_[AUC]..._[ACC]...@{run}.csv "
+                        "into DIR (MedMNIST data only) and, with medmnist installed, its Evaluator's ACC/AUC")
 
     pr = add("predict", "Predict class probabilities for image files (PNG/JPEG/...) or folders of them.")
     pr.add_argument("--checkpoint", required=True, type=Path, help="model.pt or a Lightning .ckpt")
@@ -203,6 +207,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         check_output_file(args.out, ConfigError, [args.checkpoint, *([args.data] if args.data else [])])
     if args.plots:
         prepare_output_dir(args.plots, ConfigError)
+    if args.medmnist_csv:  # before predicting: a writable folder (the data set is checked below)
+        from diffmic.evaluation.medmnist_format import prepare_folder
+
+        prepare_folder(args.medmnist_csv)
     model = load_model(args.checkpoint)
     if args.out:  # the stored dataset is an input too
         check_output_file(args.out, ConfigError, [args.data or model.config.get("data", {}).get("path", "")])
@@ -218,6 +226,11 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     if args.plots:
         names = write_evaluation_figures(args.plots, ev)
         print(f"figures written to {args.plots}: {', '.join(names)}")
+    if args.medmnist_csv:  # the official MedMNIST result file; medmnist.Evaluator's ACC/AUC next to ours
+        from diffmic.evaluation.medmnist_format import write_medmnist_result
+
+        print(write_medmnist_result(args.medmnist_csv, ev.probs, ev.data, args.split, ours=report.diffusion,
+                                    checkpoint=args.checkpoint).summary(), file=sys.stdout if args.out else sys.stderr)
     if not args.out:
         print(report.to_json())
         return 0
@@ -380,6 +393,36 @@ COMMANDS = {
 }
 
 
+class _StderrHandler(logging.StreamHandler):
+    """A handler on whatever ``sys.stderr`` is when a record is written (tests replace it)."""
+
+    @property  # type: ignore[override]
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+def _configure_logging() -> None:
+    """diffmic's own messages: one line each on stderr, through one handler on the ``diffmic`` logger.
+
+    The root logger is left alone on purpose. ``import lightning`` puts an ``INFO: ...`` handler on the
+    ``lightning`` logger, and ``lightning.pytorch`` / ``lightning.fabric`` add their own plain handler
+    (and stop propagating) only when the root logger has none. A root handler here (the former
+    ``logging.basicConfig``) therefore printed every Lightning line twice: ``INFO: GPU available ...``
+    and again ``GPU available ...``.
+    """
+    log = logging.getLogger("diffmic")
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    if not any(isinstance(h, _StderrHandler) for h in log.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit code (0 ok, 1 error, 2 usage error, 130 interrupted)."""
     parser = _parser()
@@ -392,9 +435,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    _configure_logging()
     if not args.debug:
         warnings.filterwarnings("ignore", category=UserWarning, module="lightning")
+        # deprecations inside the libraries (e.g. Lightning's use of torch's LeafSpec): nothing a user can act on
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"(lightning|torch|timm|torchmetrics)\b")
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     try:

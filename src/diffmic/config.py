@@ -118,12 +118,14 @@ class TrainConfig:
     select_metric: str = "acc"  # acc | f1 | qwk | auroc, on the validation split
     seed: int = 0
     accelerator: str = "cpu"  # cpu | gpu | auto
-    devices: int = 1
+    devices: int = 1  # processes (devices) per node
+    num_nodes: int = 1  # machines; the world size is num_nodes * devices (docs: README "Several GPU nodes")
     strategy: str = "auto"  # auto | ddp | ddp_spawn
     precision: str = "32-true"
     out_dir: str = "runs"
     run_name: str | None = None  # None: <dataset>-<timestamp>
-    progress: bool = True
+    progress: bool = True  # progress bars in a terminal, one line per epoch otherwise
+    logger: str = "csv"  # csv | tensorboard (TensorBoard event files in logs/tensorboard/ beside logs/metrics.csv)
 
 
 @dataclass(frozen=True)
@@ -207,6 +209,7 @@ class DiffMICConfig:
         _choice("train.aux_loss", t.aux_loss, ("fused", "all"))
         _choice("train.select_metric", t.select_metric, ("acc", "f1", "qwk", "auroc"))
         _choice("train.dcg_schedule", t.dcg_schedule, ("constant", "warmup_cosine"))
+        _choice("train.logger", t.logger, ("csv", "tensorboard"))
         _choice("eval.readout", e.readout, ("mean_path", "vote", "mean_softmax"))
         _choice("model.roi_saliency", m.roi_saliency, ("class_sum", "top_class", "prior_weighted"))
         if not 0.0 <= m.denoiser_dropout < 1.0:
@@ -224,6 +227,7 @@ class DiffMICConfig:
         _positive("eval.samples", e.samples)
         _positive("train.val_every", t.val_every)
         _positive("train.noise_draws", t.noise_draws)
+        _positive("train.num_nodes", t.num_nodes)
         if df.sampling_steps > df.timesteps:
             raise ConfigError(
                 f"diffusion.sampling_steps ({df.sampling_steps}) exceeds diffusion.timesteps ({df.timesteps})"

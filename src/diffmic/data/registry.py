@@ -12,14 +12,23 @@ from diffmic.data.csv_manifest import read_csv_manifest
 from diffmic.data.folder import read_folder
 from diffmic.data.isic import read_isic2018
 from diffmic.data.medmnist import read_medmnist
+from diffmic.data.medmnist_info import resolve_medmnist
 from diffmic.data.pickle_split import read_pickle_split
 from diffmic.errors import ConfigError
 
 
 def _medmnist(cfg: DataConfig, run_dir: Path | None) -> DataBundle:
-    return read_medmnist(
-        cfg.path, image_size=cfg.image_size, channels=cfg.channels, class_names=cfg.class_names
+    # data.path may be a MedMNIST flag ("breastmnist", "retinamnist_64"): its file and class names
+    path, info = resolve_medmnist(cfg.path)
+    names = cfg.class_names
+    if names is None and info is not None:
+        names = list(info.class_names)
+    bundle = read_medmnist(
+        path, image_size=cfg.image_size, channels=cfg.channels, class_names=names
     )
+    if info is not None:
+        bundle.extra["medmnist"] = {"flag": info.flag, "size": info.size, "task": info.task}
+    return bundle
 
 
 READERS: dict[str, Callable[[DataConfig, Path | None], DataBundle]] = {

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 from torchmetrics.functional.classification import (
+    binary_auroc,
     multiclass_accuracy,
     multiclass_auroc,
     multiclass_calibration_error,
@@ -51,6 +52,9 @@ def _auroc(probs: Tensor, labels: Tensor, c: int) -> Tensor:
     present = torch.unique(labels)
     if len(present) < 2:
         return torch.tensor(float("nan"))
+    if c == 2:  # the positive class's score, as sklearn and medmnist define it; the mean of the two
+        # one-vs-rest AUCs is the same number in exact arithmetic but not under float32 near-ties
+        return binary_auroc(probs[:, 1], labels)
     if len(present) == c:
         return multiclass_auroc(probs, labels, c, average="macro")
     per_class = multiclass_auroc(probs, labels, c, average="none")

@@ -235,6 +235,7 @@ class Evaluation:
     probs: Tensor
     priors: Tensor
     labels: Tensor
+    data: DataBundle | None = None  # the dataset the split came from
 
 
 def _settings(model: DiffMIC, samples: int, seed: int, sampler: str | None, num_steps: int | None) -> dict[str, Any]:
@@ -302,7 +303,7 @@ def evaluate_checkpoint(
         calibration = (val_probs, val_labels)
     report = build_report(probs, priors, labels, model.class_names, split=split, calibration=calibration,
                           settings=_settings(model, samples, seed, sampler, num_steps), readouts=all_probs)
-    return Evaluation(report, probs, priors, labels)
+    return Evaluation(report, probs, priors, labels, data)
 
 
 @dataclass

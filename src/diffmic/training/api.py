@@ -155,16 +155,16 @@ def train(
     continued with :func:`resume`. ``callbacks`` are extra Lightning callbacks.
     """
     import lightning as L
-    from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+    from lightning.pytorch.callbacks import ModelCheckpoint
 
     from diffmic.evaluation.report import evaluate
     from diffmic.training.checkpointing import (
         AtomicCheckpointIO,
-        ResumableCSVLogger,
         lightning_to_model_payload,
         remove_partial_files,
     )
     from diffmic.training.datamodule import ArrayDataModule
+    from diffmic.training.loggers import build_loggers, progress_callbacks, quiet_lightning
     from diffmic.training.module import DiffMICModule
 
     cfg = DiffMICConfig.from_dict(cfg.to_dict())  # private copy: the caller's config is not changed
@@ -175,6 +175,7 @@ def train(
         data = build_data(cfg.data, run_dir)
     _check_data(data)
     resume_epoch = _checkpoint_epoch(_resume_from) if _resume_from is not None else None
+    loggers = build_loggers(cfg.train, run_dir, resume_epoch)  # a missing logger package fails before any file
     run_dir.mkdir(parents=True, exist_ok=True)  # only once the data is known to be usable
     if cfg.data.class_names is None:
         cfg = replace_config(cfg, data={"class_names": list(data.class_names)})
@@ -201,22 +202,23 @@ def train(
     last = ModelCheckpoint(dirpath=run.checkpoint_dir, filename=run.last_checkpoint.stem, monitor=None, save_top_k=1,
                            every_n_epochs=1, enable_version_counter=False)
     callbacks = [ckpt, last, *(callbacks or [])]
-    if cfg.train.progress:
-        callbacks.append(TQDMProgressBar(refresh_rate=10))
+    progress, progress_bar = progress_callbacks(cfg.train)  # bars in a terminal, a line per epoch otherwise
+    callbacks += progress
+    quiet_lightning()
     t = cfg.train
     trainer = L.Trainer(
         max_epochs=t.dcg_pretrain_epochs + t.epochs,
         accelerator=t.accelerator,
         devices=t.devices,
+        num_nodes=t.num_nodes,
         strategy=_strategy(t),
         plugins=[AtomicCheckpointIO()],
         precision=t.precision,  # type: ignore[arg-type]
         callbacks=callbacks,
-        logger=ResumableCSVLogger(run_dir, name=run.log_file.parent.name, version="", flush_logs_every_n_steps=1,
-                                  resume_epoch=resume_epoch),
+        logger=loggers,
         default_root_dir=run_dir,
         num_sanity_val_steps=0,
-        enable_progress_bar=t.progress,
+        enable_progress_bar=progress_bar,
         enable_model_summary=False,
         log_every_n_steps=1,
         check_val_every_n_epoch=1,
