@@ -357,6 +357,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         result = json.loads(out.read_text())
         result["summary"] = summarise(result["runs"])
+        if args.title:
+            result["settings"]["title"] = args.title
         common.update_section(args.docs, args.section, markdown(result))
         print(f"[accuracy] rewrote the {args.section} section of {args.docs} from {out}")
         return 0

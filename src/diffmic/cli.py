@@ -207,13 +207,15 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         check_output_file(args.out, ConfigError, [args.checkpoint, *([args.data] if args.data else [])])
     if args.plots:
         prepare_output_dir(args.plots, ConfigError)
-    if args.medmnist_csv:  # before predicting: a writable folder (the data set is checked below)
-        from diffmic.evaluation.medmnist_format import prepare_folder
-
-        prepare_folder(args.medmnist_csv)
     model = load_model(args.checkpoint)
+    data_path = args.data or model.config.get("data", {}).get("path", "")
     if args.out:  # the stored dataset is an input too
-        check_output_file(args.out, ConfigError, [args.data or model.config.get("data", {}).get("path", "")])
+        check_output_file(args.out, ConfigError, [data_path])
+    if args.medmnist_csv:  # before predicting: a MedMNIST dataset and a writable folder
+        from diffmic.evaluation.medmnist_format import check_medmnist_path, prepare_folder
+
+        check_medmnist_path(data_path)
+        prepare_folder(args.medmnist_csv)
     ev = evaluate_checkpoint(
         args.checkpoint, model=model, split=args.split, data_path=args.data,
         data_format=args.format, samples=args.samples, sampler=args.sampler, num_steps=args.steps,

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from diffmic import save_model
 from diffmic.cli import main
 from diffmic.config import DataConfig, DiffMICConfig
 from diffmic.data import medmnist_info
@@ -206,7 +207,7 @@ def test_class_names_reach_the_predict_csv(where, monkeypatch, tmp_path, capsys)
     model = build_model(cfg, num_classes=data.num_classes, in_chans=data.channels, image_size=data.image_size,
                         class_names=data.class_names)
     ckpt = tmp_path / "model.pt"
-    model.save(ckpt)
+    save_model(model, ckpt)
     image = tmp_path / "x.png"
     Image.fromarray(data.test.images[0, :, :, 0]).save(image)
     assert main(["predict", "--checkpoint", str(ckpt), str(image)]) == 0

@@ -61,6 +61,17 @@ def result_flag(data: DataBundle) -> tuple[str, int]:
     return parsed
 
 
+def check_medmnist_path(path: str | Path) -> tuple[str, int]:
+    """``(flag, size)`` of a ``data.path`` (a MedMNIST name or a file named like one), before any data is read."""
+    parsed = parse_flag(Path(str(path)).stem) if str(path) else None
+    if parsed is None:
+        raise DataError(
+            f"--medmnist-csv needs a MedMNIST dataset (data.path a MedMNIST name such as breastmnist, or a "
+            f"file named like breastmnist.npz / retinamnist_64.npz); got {path or 'another layout'}"
+        )
+    return parsed
+
+
 def result_filename(flag: str, size: int, split: str, acc: float, auc: float, run: str) -> str:
     """medmnist's ``Evaluator.get_standard_evaluation_filename``."""
     size_flag = "" if size == 28 else f"_{size}"
