@@ -260,8 +260,8 @@ def markdown(result: dict[str, Any]) -> str:
             lines.append(f"| {ds} | {row} | " + " | ".join(cells) + f" | {'–' if fit is None else f'{fit:.0f}'} |")
     diff_rows = [r for r in s.get("rows", METHODS) if ROWS.get(r, ("",))[0] == "diffmic"]
     if any(f"{r} [mean_path]" in per for per in result["summary"].values() for r in diff_rows):
-        lines += ["", "Readouts of the same DiffMIC runs (test ACC / macro AUROC) and the per-seed paired "
-                  "difference to the run's own DCG prior (mean ± sd over seeds):", "",
+        lines += ["", ("Readouts of the same DiffMIC runs (test ACC / macro AUROC) and the per-seed paired "
+                       "difference to the run's own DCG prior (mean ± sd over seeds):"), "",
                   "| dataset | row | shipped − prior ACC | AUROC | " + " | ".join(
                       f"{ro} ACC | AUROC | − prior ACC | − prior AUROC" for ro in READOUTS) + " |",
                   "|---|---|---|---|" + "---|" * (4 * len(READOUTS))]
@@ -277,8 +277,9 @@ def markdown(result: dict[str, Any]) -> str:
         trained = [(ds, r) for ds, per in result["summary"].items() for r in diff_rows
                    if f"{r} [mean_path] − prior, train" in per]
         if trained:
-            lines += ["", "Memorisation diagnostic: readout − prior ACC on the training images against the same on "
-                      "test (a readout that gains on train and loses on test learned training residuals):", "",
+            lines += ["", ("Memorisation diagnostic: readout − prior ACC on the training images against the same "
+                           "on test (a readout that gains on train and loses on test learned training residuals):"),
+                      "",
                       "| dataset | row | " + " | ".join(f"{ro} train | {ro} test" for ro in READOUTS) + " |",
                       "|---|---|" + "---|" * (2 * len(READOUTS))]
             for ds, row in trained:

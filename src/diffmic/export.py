@@ -25,9 +25,9 @@ import torch
 from torch import Tensor, nn
 
 from diffmic._io import atomic_path, check_output_file
+from diffmic.diffusion.readout import mean_softmax_probs, vote_probs
 from diffmic.diffusion.sampling import ddim_timesteps, sample_ddim
 from diffmic.errors import ConfigError, DiffMICError, ExportError
-from diffmic.diffusion.readout import mean_softmax_probs, vote_probs
 from diffmic.models.diffmic import DiffMIC
 
 INSTALL_HINT = "pip install 'diffmic[export]'"

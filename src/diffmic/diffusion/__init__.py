@@ -4,6 +4,7 @@ of the sampled y_0 (imports torch only)."""
 from __future__ import annotations
 
 from diffmic.diffusion.losses import antithetic_timesteps, diffmic_loss, eps_mse, gaussian_mmd
+from diffmic.diffusion.readout import READOUTS, readout_probs
 from diffmic.diffusion.sampling import (
     DenoiseFn,
     ddim_timesteps,
@@ -13,7 +14,6 @@ from diffmic.diffusion.sampling import (
     sample_mean_path,
     sample_truncated,
 )
-from diffmic.diffusion.readout import READOUTS, readout_probs
 from diffmic.diffusion.schedule import BETA_SCHEDULES, CardSchedule, make_betas
 from diffmic.diffusion.uncertainty import class_intervals, predictive_entropy, vote_fractions
 
@@ -29,8 +29,8 @@ __all__ = [
     "eps_mse",
     "gaussian_mmd",
     "make_betas",
-    "readout_probs",
     "predictive_entropy",
+    "readout_probs",
     "sample",
     "sample_ancestral",
     "sample_ddim",

@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-
 SALIENCY_MODES = ("class_sum", "top_class", "prior_weighted")
 
 
