@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_sampling import make_oracle as oracle  # the same point oracle as the sampler tests
 
 from diffmic.diffusion.readout import mean_softmax_probs, path_probs, readout_probs, vote_probs
 from diffmic.diffusion.sampling import sample_ddim, sample_mean_path
@@ -11,15 +12,6 @@ from diffmic.diffusion.schedule import CardSchedule
 from diffmic.models.denoiser import LabelDenoiser, mmse_skip_init
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def oracle(schedule: CardSchedule, y0: torch.Tensor, prior: torch.Tensor):
-    def fn(y_t, t):
-        a = schedule.sqrt_alphas_cumprod[t].view(-1, 1)
-        s = schedule.sqrt_one_minus_alphas_cumprod[t].view(-1, 1)
-        return (y_t - a * y0 - (1 - a) * prior) / s
-
-    return fn
 
 
 @pytest.fixture(scope="module")
