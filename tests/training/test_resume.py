@@ -67,7 +67,7 @@ def _env() -> dict[str, str]:
 def _train(script: Path, run_dir: Path, kill_epoch: int, data: Path) -> subprocess.CompletedProcess:
     overrides = [f"data.path={data}", *TINY_OVERRIDES, *EPOCHS, "data.batch_size=32", "train.seed=3"]
     return subprocess.run([sys.executable, str(script), str(run_dir), str(kill_epoch), *overrides],
-                          capture_output=True, text=True, timeout=600, env=_env())
+                          check=False, capture_output=True, text=True, timeout=600, env=_env())
 
 
 def _rows(run_dir: Path) -> list[dict[str, str]]:
@@ -92,7 +92,7 @@ def runs(small_npz, tmp_path_factory):
         "metrics_after_kill": (killed / "metrics.json").exists(),
     }
     resumed = subprocess.run([sys.executable, "-m", "diffmic", "train", "--resume", str(killed)],
-                             capture_output=True, text=True, timeout=600, env=_env())
+                             check=False, capture_output=True, text=True, timeout=600, env=_env())
     return reference, killed, state, resumed
 
 
