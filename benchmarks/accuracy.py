@@ -43,6 +43,7 @@ ROWS: dict[str, tuple[str, list[str]]] = {
     "dcg": ("dcg", []),
     "dcg_recipe": ("dcg", RECIPE),
     "diffmic": ("diffmic", []),
+    "shared": ("diffmic", ["model.share_encoder=true"]),
     "recipe": ("diffmic", RECIPE),
     "recipe_frozen": ("diffmic", [*RECIPE, "train.joint_train=false"]),
     "recipe_crossfit": ("diffmic", [*RECIPE, "train.crossfit_folds=3"]),
@@ -175,9 +176,9 @@ def run_one(method: str, cfg_path: Path, overrides: list[str], budget: dict[str,
     out = {"fit_seconds": m["fit_seconds"], "selected_epoch": m["selected_epoch"]}
     if method == "diffmic" and train_split:
         from diffmic.evaluation.report import evaluate
-        from diffmic.models import DiffMIC
+        from diffmic.models.checkpoint import load_model
 
-        model = DiffMIC.from_checkpoint(run_dir / "model.pt")
+        model = load_model(run_dir / "model.pt")
         rep = evaluate(model, data.train, split="train", batch_size=cfg.data.eval_batch_size,
                        samples=cfg.eval.samples, seed=cfg.eval.seed).to_dict()
         out |= {"train": rep["diffusion"], "train_guidance": rep["guidance"], "train_readouts": rep["readouts"]}
