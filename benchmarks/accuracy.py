@@ -188,6 +188,7 @@ def run_one(method: str, cfg_path: Path, overrides: list[str], budget: dict[str,
                   "val_guidance": m["val"]["guidance"], "test_guidance": m["test"]["guidance"],
                   "val_readouts": m["val"].get("readouts"), "test_readouts": m["test"].get("readouts"),
                   "readout": m.get("readout"), "temperature": m.get("temperature"),
+                  "calibration_test": m.get("calibration_test"),
                   "eval_settings": m["test"].get("settings")}
 
 
@@ -216,6 +217,13 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
                 for ro, met in (r.get("train_readouts") or {}).items():
                     ds.setdefault(f"{name} [{ro}] − prior, train", []).append(
                         {k: met[k] - tg[k] for k in ("acc", "auroc") if k in tg and k in met})
+            cal = r.get("calibration_test")
+            if cal:  # diffusion and prior, each temperature-scaled on val, measured on test
+                for who in ("diffusion", "guidance"):
+                    ds.setdefault(f"{name} <cal {who}>", []).append(
+                        {k: cal[who][k] for k in ("ece", "aurc", "nll", "ece_raw")})
+                ds.setdefault(f"{name} <cal diffusion − prior>", []).append(
+                    {k: cal["diffusion"][k] - cal["guidance"][k] for k in ("ece", "aurc", "nll", "ece_raw")})
             for ro, met in (r.get("test_readouts") or {}).items():
                 ds.setdefault(f"{name} [{ro}]", []).append(dict(met))
                 ds.setdefault(f"{name} [{ro}] − prior", []).append(
@@ -224,7 +232,8 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
     for ds, per in rows.items():
         out[ds] = {}
         for row, vals in per.items():
-            keys = [k for k in (*METRICS, "balanced_acc", "fit_seconds", "wall_seconds") if k in vals[0]]
+            keys = [k for k in (*METRICS, "balanced_acc", "fit_seconds", "wall_seconds", "aurc", "nll", "ece_raw")
+                    if k in vals[0]]
             out[ds][row] = {k: common.mean_sd([v[k] for v in vals]) for k in keys} | {"seeds": len(vals)}
     return out
 
@@ -275,6 +284,20 @@ def markdown(result: dict[str, Any]) -> str:
                     cells += [common.fmt_mean_sd(a.get("acc")), common.fmt_mean_sd(a.get("auroc")),
                               common.fmt_mean_sd(dd.get("acc")), common.fmt_mean_sd(dd.get("auroc"))]
                 lines.append(f"| {ds} | {row} | " + " | ".join(cells) + " |")
+        calibrated = [(ds, r) for ds, per in result["summary"].items() for r in diff_rows
+                      if f"{r} <cal diffusion>" in per]
+        if calibrated:
+            lines += ["", ("Calibration on test after temperature scaling fitted on val, the shipped diffusion "
+                           "readout against its own DCG prior (each with its own T; lower is better; "
+                           "paired difference per seed):"), "",
+                      ("| dataset | row | diffusion ECE | prior ECE | − prior ECE | diffusion AURC | prior AURC "
+                       "| − prior AURC | diffusion NLL | prior NLL |"), "|---|---|---|---|---|---|---|---|---|---|"]
+            for ds, row in calibrated:
+                per = result["summary"][ds]
+                dif, pri, dd = (per[f"{row} <cal {w}>"] for w in ("diffusion", "guidance", "diffusion − prior"))
+                cells = [dif.get("ece"), pri.get("ece"), dd.get("ece"), dif.get("aurc"), pri.get("aurc"),
+                         dd.get("aurc"), dif.get("nll"), pri.get("nll")]
+                lines.append(f"| {ds} | {row} | " + " | ".join(common.fmt_mean_sd(c) for c in cells) + " |")
         trained = [(ds, r) for ds, per in result["summary"].items() for r in diff_rows
                    if f"{r} [mean_path] − prior, train" in per]
         if trained:

@@ -157,7 +157,7 @@ def train(
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from diffmic.evaluation.report import evaluate
+    from diffmic.evaluation.report import calibration_comparison, evaluate
     from diffmic.training.checkpointing import (
         AtomicCheckpointIO,
         lightning_to_model_payload,
@@ -245,6 +245,7 @@ def train(
                         samples=e.samples, seed=e.seed).to_dict()
         for split in ("val", "test")
     }
+    calibration = calibration_comparison(model, data.val, data.test, batch_size=cfg.data.eval_batch_size)
     metrics = {
         "dataset": data.source,
         "class_names": data.class_names,
@@ -258,6 +259,7 @@ def train(
         "cpu_count": os.cpu_count(),
         "git_commit": _git_commit(),
         **reports,
+        "calibration_test": calibration,  # diffusion and prior, each temperature-scaled on val
     }
     atomic_write_text(run.metrics_file, json.dumps(metrics, indent=2))
     return TrainResult(run_dir, model_path, best, metrics)
