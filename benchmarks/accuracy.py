@@ -44,6 +44,9 @@ ROWS: dict[str, tuple[str, list[str]]] = {
     "dcg_recipe": ("dcg", RECIPE),
     "diffmic": ("diffmic", []),
     "shared": ("diffmic", ["model.share_encoder=true"]),
+    "no_local": ("diffmic", ["model.local_branch=false"]),  # the paper's ablations, on the config as it is
+    "no_mmd": ("diffmic", ["train.mmd_weight=0"]),
+    "frozen": ("diffmic", ["train.joint_train=false"]),
     "recipe": ("diffmic", RECIPE),
     "recipe_frozen": ("diffmic", [*RECIPE, "train.joint_train=false"]),
     "recipe_crossfit": ("diffmic", [*RECIPE, "train.crossfit_folds=3"]),

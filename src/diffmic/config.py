@@ -72,6 +72,9 @@ class ModelConfig:
     # Saliency map the ROI crops are chosen on: class_sum (GMIC: sum of min-max normalised class
     # maps) | top_class (the map of the prior's top class) | prior_weighted (maps weighted by the prior)
     roi_saliency: str = "class_sum"
+    # The DCG's local branch (ROI crops -> CNN -> gated-attention MIL). false: the paper's ablation
+    # "without the local prior": the prior is the global branch alone and no crops are taken.
+    local_branch: bool = True
 
 
 @dataclass(frozen=True)

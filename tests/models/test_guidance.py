@@ -235,3 +235,22 @@ def test_unknown_backbone_raises_config_error():
         DCG(3, image_size=28, backbone="no_such_backbone")
     with pytest.raises(ConfigError, match="no_such_local"):
         DCG(3, image_size=28, backbone="test_resnet", local_backbone="no_such_local")
+
+
+def test_without_local_branch_the_prior_is_the_global_branch():
+    torch.manual_seed(0)
+    full = DCG(3, in_chans=3, image_size=28, backbone="test_resnet", num_crops=4)
+    torch.manual_seed(0)
+    ablated = DCG(3, in_chans=3, image_size=28, backbone="test_resnet", num_crops=4, local_branch=False)
+    assert ablated.local_net is None and ablated.mil is None
+    assert sum(p.numel() for p in ablated.parameters()) < sum(p.numel() for p in full.parameters())
+    ablated.global_net.load_state_dict(full.global_net.state_dict())
+    ablated.cam.load_state_dict(full.cam.state_dict())
+    x = torch.randn(2, 3, 28, 28)
+    full.eval(), ablated.eval()
+    a, f = ablated(x), full(x)
+    torch.testing.assert_close(a.logits_global, f.logits_global)
+    assert torch.equal(a.logits, a.logits_global) and torch.equal(a.logits_local, a.logits_global)
+    assert a.corners.shape == (2, 0, 2) and a.attention.shape == (2, 0)
+    a.logits.sum().backward()
+    assert all(p.grad is not None for p in ablated.parameters())

@@ -44,6 +44,7 @@ def build_model(
         top_t=m.top_t,
         mil_hidden=m.mil_hidden,
         roi_saliency=m.roi_saliency,
+        local_branch=m.local_branch,
     )
     if m.share_encoder:
         encoder, encoder_dim = None, guidance.feature_dim

@@ -87,6 +87,9 @@ class DCG(nn.Module):
         roi_saliency: the map the crops are chosen on: ``class_sum`` (GMIC: sum of the min-max
             normalised class maps), ``top_class`` or ``prior_weighted`` (the class maps of, or
             weighted by, the global branch's softmax: the fused prior itself needs the crops).
+        local_branch: False drops the local branch (the paper's ablation): no crops are taken
+            (``corners``/``attention`` have K = 0 columns), and the fused, global and local logits
+            are all the global branch's.
     """
 
     def __init__(
@@ -105,6 +108,7 @@ class DCG(nn.Module):
         top_t: float = 1.0,
         mil_hidden: int = 128,
         roi_saliency: str = "class_sum",
+        local_branch: bool = True,
     ) -> None:
         super().__init__()
         self.num_classes = num_classes
@@ -114,19 +118,23 @@ class DCG(nn.Module):
         self.cam_size = cam_size
         self.top_t = top_t
         self.roi_saliency = roi_saliency
+        self.local_branch = local_branch
         if small_input is None:
             small_input = small_input_default(image_size)
         net, dim = create_backbone(backbone, in_chans=in_chans, pretrained=pretrained, small_input=small_input)
         self.global_net = FeatureMap(net)
         self.cam = nn.Conv2d(dim, num_classes, kernel_size=1, bias=False)
-        local, local_dim = create_backbone(
-            local_backbone or backbone,
-            in_chans=in_chans,
-            pretrained=pretrained,
-            small_input=small_input,  # as the global branch: 32-px crops of a 224 image keep the cheap stem
-        )
-        self.local_net = FeatureMap(local)
-        self.mil = GatedAttentionMIL(local_dim, mil_hidden, num_classes)
+        self.local_net: FeatureMap | None = None
+        self.mil: GatedAttentionMIL | None = None
+        if local_branch:
+            local, local_dim = create_backbone(
+                local_backbone or backbone,
+                in_chans=in_chans,
+                pretrained=pretrained,
+                small_input=small_input,  # as the global branch: 32-px crops of a 224 image keep the cheap stem
+            )
+            self.local_net = FeatureMap(local)
+            self.mil = GatedAttentionMIL(local_dim, mil_hidden, num_classes)
         self.feature_dim = dim
 
     def forward(self, x: Tensor) -> GuidanceOutput:
@@ -137,6 +145,16 @@ class DCG(nn.Module):
         if self.cam_size is not None and cam.shape[-1] != self.cam_size:
             cam = F.interpolate(cam, size=(self.cam_size, self.cam_size), mode="bilinear", align_corners=False)
         logits_global = top_t_pool(cam, self.top_t)
+        if self.local_net is None or self.mil is None:  # ablation: the global branch alone
+            return GuidanceOutput(
+                logits=logits_global,
+                logits_global=logits_global,
+                logits_local=logits_global,
+                saliency=cam,
+                corners=torch.zeros(b, 0, 2, dtype=torch.long, device=x.device),
+                attention=x.new_zeros(b, 0),
+                features=fmap.mean(dim=(2, 3)),
+            )
         crop = (self.crop_size, self.crop_size)
         map_hw, image_hw = (cam.shape[2], cam.shape[3]), (x.shape[2], x.shape[3])
         with torch.no_grad():

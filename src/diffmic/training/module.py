@@ -207,7 +207,10 @@ class DiffMICModule(L.LightningModule):
         y0 = F.one_hot(y, model.num_classes).float()
         t = antithetic_timesteps(len(y), model.schedule.num_timesteps, device=y.device)
         eps = torch.randn_like(y0)  # shared by the three streams
-        eps_hats = [model.denoiser.denoise(feats, model.schedule.q_sample(y0, p, t, eps), p, t) for p in priors]
+        if model.guidance.local_branch:
+            eps_hats = [model.denoiser.denoise(feats, model.schedule.q_sample(y0, p, t, eps), p, t) for p in priors]
+        else:  # the three priors are the same global one: one stream, MSE + 2·w·MMD on it
+            eps_hats = [model.denoiser.denoise(feats, model.schedule.q_sample(y0, priors[0], t, eps), priors[0], t)] * 3
         losses = diffmic_loss(eps, *eps_hats, mmd_weight=t_cfg.mmd_weight)
         opt.zero_grad(set_to_none=True)
         self.manual_backward(losses["loss"])
