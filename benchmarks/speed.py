@@ -153,7 +153,7 @@ def plan_quick(args: argparse.Namespace) -> list[dict]:
             batch = base["batch"] if n * base["batch"] * preset.model.feature_dim <= 16 * 16 * 6144 else \
                 max(1, 16 * 16 * 6144 // (n * preset.model.feature_dim))  # the big MLP at 100 chains: fewer images
             add("infer_preset", f"preset, --samples {n} ({what})", samples=n, engine="eager", batch=batch)
-        add("infer_preset", "preset, fused inference copy (BatchNorm folded, channels-last), --samples 1",
+        add("infer_preset", "preset, fused inference copy (`DiffMIC.fuse_for_inference`), --samples 1",
             samples=1, engine="fused")
         if not args.no_train:
             add("train_classifier", f"train step: plain {reference} classifier (reference)",
@@ -222,7 +222,7 @@ def run_case(spec: dict[str, Any]) -> dict[str, Any]:
         model = build_model(cfg, **margs).eval()
         params = sum(p.numel() for p in model.parameters())
         if spec["engine"] == "fused":
-            model = model.fuse_for_inference(channels_last=True)
+            model = model.fuse_for_inference()  # channels-last above 64 px
         x01 = images.float() / 255.0
         samples = spec["samples"]
 

@@ -212,3 +212,13 @@ def test_predict_runs_in_inference_mode(model):
         hook.remove()
     assert seen == [True] and probs.shape == (2, 4)
     assert float(probs.sum(1).sub(1).abs().max()) < 1e-5 and probs.clone().add_(1).shape == (2, 4)
+
+
+def test_channels_last_by_default_above_64_px():
+    small, large = make_model(), make_model(image_size=96)
+    fused_small, fused_large = small.fuse_for_inference(), large.fuse_for_inference()
+    assert type(fused_small.guidance.global_net).__name__ == "FeatureMap"
+    assert type(fused_large.guidance.global_net).__name__ == "_ChannelsLast"
+    x = images(2, size=96)
+    for a, b in zip(_all_outputs(fused_large, x, 2), _all_outputs(large, x, 2), strict=True):
+        torch.testing.assert_close(a, b, **TOL)
