@@ -193,6 +193,9 @@ def test_speed_quick_smoke(tmp_path: Path, keep_threads: None) -> None:
         kinds = {(r["kind"], r.get("samples"), r.get("engine")) for r in rows}
         assert {("infer_classifier", None, None), ("infer_preset", 3, "eager"), ("infer_preset", 1, "fused"),
                 ("train_classifier", None, None)} <= kinds
+        shared = [r for r in rows if r.get("extra_overrides") == ["model.share_encoder=true"]]
+        assert sorted(r["kind"] for r in shared) == ["infer_preset", "train_joint"]
+        assert all(r["share_encoder"] for r in shared) and not default["share_encoder"]
     assert {t["size"] for t in result["targets"]} == {28, 224}
     text = docs.read_text()
     assert "Hand-written intro that must survive." in text
