@@ -196,8 +196,8 @@ class DiffMIC(nn.Module):
         """
         steps = num_steps or self.sampling_steps
         if chains and path and (sampler or self.sampler) == "ddim" and self.eta == 0 and not self.denoiser.training:
-            b = prior.shape[0]
-            noise = torch.randn(prior.repeat(samples, 1).shape, generator=generator, device=prior.device,
+            b, c = prior.shape
+            noise = torch.randn((samples * b, c), generator=generator, device=prior.device,
                                 dtype=prior.dtype)  # exactly what sample_ddim draws for the chains
             feats_all, prior_all = feats.repeat(samples + 1, 1), prior.repeat(samples + 1, 1)
             y0 = sample_ddim(
