@@ -10,6 +10,16 @@ after warm-up, reported as ms/img and as a ratio to the plain classifier of the 
 
     python benchmarks/speed.py                     # sizes 28 64 224, steps 10 50 250 1000
     python benchmarks/speed.py --full              # + 1000 steps at 224, 250-step reference chain
+    python benchmarks/speed.py --quick             # the shipped presets against a plain ResNet-18 (issue 12)
+
+``--quick`` (at most 10 minutes on 2 cores) measures, at 28 px with ``configs/retinamnist.yaml`` and at
+224 px with ``configs/isic2018.yaml``: a plain ResNet-18 classifier (the reference of every ratio) and
+a plain classifier of the preset's own backbone where it differs; the preset's inference as
+``diffmic predict`` runs it by default (``predict_details``, the preset's readout, ``--samples 1``),
+the same with 16 and 100 chains, the same through the inference-only copy of
+``DiffMIC.fuse_for_inference`` (BatchNorm folded, channels-last); and the training steps of the
+classifier and of the preset (``DiffMICModule.training_step``). The preset's default inference case
+and its joint training step carry ``"preset_default": true`` beside ``ratio_to_classifier``.
 """
 
 from __future__ import annotations
@@ -34,6 +44,10 @@ import _common as common
 RESULT_TAG = "@@SPEED-RESULT@@"
 NUM_CLASSES = 7  # ISIC-like
 FAITHFUL_224_FEATURE_DIM = 6144  # the original's denoiser width (ISIC / APTOS at 224)
+QUICK_PRESETS = {28: common.REPO / "configs" / "retinamnist.yaml", 224: common.REPO / "configs" / "isic2018.yaml"}
+QUICK_CLASSES = {28: 5, 224: 7}  # RetinaMNIST, ISIC 2018
+QUICK_REFERENCE = "resnet18"  # the issue's plain classifier
+QUICK_TARGETS = {28: {"infer": 2.0, "train": 2.5, "chains16": 1.5}, 224: {"infer": 1.5, "train": 2.5, "chains16": 1.5}}
 TARGETS = {"infer_ratio": 2.5, "shared_ratio": 1.5, "recompute_speedup": 20.0, "train_ratio": 3.0,
            "infer_ms_224": 110.0, "train_ms_224": 175.0, "original_steps": 250}
 
@@ -51,15 +65,22 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="step counts of the encoder-recomputed-every-step chain (default 10 50; --full adds 250)")
     p.add_argument("--samples", nargs="+", type=int, default=[1, 16], help="samples per image at the default steps")
     p.add_argument("--full", action="store_true", help="also 1000 steps at sizes > 64 and the 250-step reference")
+    p.add_argument("--quick", action="store_true",
+                   help="the shipped presets (28 px: configs/retinamnist.yaml, 224 px: configs/isic2018.yaml) against "
+                   "a plain ResNet-18: predict's default inference, 16 and 100 chains, the fused inference copy and "
+                   "the joint training step (ignores --config, --sizes, --steps, --ref-steps, --samples)")
+    p.add_argument("--chains", nargs="+", type=int, default=[16, 100],
+                   help="--quick: chain counts measured beside predict's default (--samples 1)")
     p.add_argument("--backbone", help="backbone for the DCG, the denoiser encoder and the classifier "
                    "(default: the config's; e.g. test_resnet for a smoke run)")
     p.add_argument("--feature-dim", type=int, help="denoiser width at every size (default: the config's "
                    f"at sizes <= 64, {FAITHFUL_224_FEATURE_DIM} above)")
     p.add_argument("--batch", type=int, help="batch size (default 64 for sizes <= 64, 16 above)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed calls before timing (at least 1)")
-    p.add_argument("--repeats", type=int, default=5, help="timed calls per case (median reported)")
-    p.add_argument("--max-case-seconds", type=float, default=60.0,
-                   help="fewer repeats (at least 1) for cases whose single call would exceed this in total")
+    p.add_argument("--warmup", type=int, help="untimed calls before timing (at least 1; default 2, --quick 1)")
+    p.add_argument("--repeats", type=int, help="timed calls per case, median reported (default 5, --quick 3)")
+    p.add_argument("--max-case-seconds", type=float,
+                   help="fewer repeats (at least 1) for cases whose single call would exceed this in total "
+                   "(default 60, --quick 25)")
     p.add_argument("--no-train", action="store_true", help="skip the training-step cases")
     p.add_argument("--in-process", action="store_true",
                    help="run every case in this process (faster; memory is then the cumulative process peak)")
@@ -104,6 +125,49 @@ def plan(args: argparse.Namespace, default_steps: int, timesteps: int, backbone:
     return cases, skipped
 
 
+def plan_quick(args: argparse.Namespace) -> list[dict]:
+    """``--quick``: per size, the reference classifiers, the preset's inference and training cases."""
+    from diffmic.config import DiffMICConfig
+
+    cases = []
+    for size, config in QUICK_PRESETS.items():
+        preset = DiffMICConfig.from_yaml(config, args.overrides)
+        backbone = args.backbone or preset.model.backbone
+        reference = args.backbone or QUICK_REFERENCE
+        base = {"size": size, "batch": args.batch or (64 if size <= 64 else 16), "config": str(config),
+                "preset": True, "num_classes": QUICK_CLASSES[size]}
+        readout = preset.eval.readout
+        steps = preset.diffusion.sampling_steps
+
+        def add(kind: str, name: str, base: dict[str, Any] = base, **kw: Any) -> None:
+            cases.append(base | {"kind": kind, "name": name, "preset_default": False, **kw})
+
+        add("infer_classifier", f"plain {reference} classifier (reference)", classifier_backbone=reference)
+        if backbone != reference:
+            add("infer_backbone_classifier", f"plain {backbone} classifier (the preset's DCG backbone)",
+                classifier_backbone=backbone)
+        what = f"{readout}, {preset.diffusion.sampler} {steps} steps"
+        add("infer_preset", f"preset as `diffmic predict` runs it ({what}, --samples 1)", samples=1, engine="eager",
+            preset_default=True)
+        for n in args.chains:
+            batch = base["batch"] if n * base["batch"] * preset.model.feature_dim <= 16 * 16 * 6144 else \
+                max(1, 16 * 16 * 6144 // (n * preset.model.feature_dim))  # the big MLP at 100 chains: fewer images
+            add("infer_preset", f"preset, --samples {n} ({what})", samples=n, engine="eager", batch=batch)
+        add("infer_preset", "preset, fused inference copy (`DiffMIC.fuse_for_inference`), --samples 1",
+            samples=1, engine="fused")
+        if not preset.model.share_encoder:  # what flipping the accuracy-dependent switch would buy
+            add("infer_preset", "preset + model.share_encoder=true, --samples 1", samples=1, engine="eager",
+                extra_overrides=["model.share_encoder=true"])
+        if not args.no_train:
+            add("train_classifier", f"train step: plain {reference} classifier (reference)",
+                classifier_backbone=reference)
+            add("train_joint", "train step: preset joint DiffMIC (diffusion + DCG CE)", preset_default=True)
+            if not preset.model.share_encoder:
+                add("train_joint", "train step: preset + model.share_encoder=true",
+                    extra_overrides=["model.share_encoder=true"])
+    return cases
+
+
 def build_cfg(spec: dict[str, Any]) -> Any:
     from diffmic.config import DiffMICConfig
 
@@ -111,11 +175,15 @@ def build_cfg(spec: dict[str, Any]) -> Any:
     if spec.get("backbone"):
         ov += [f"model.backbone={spec['backbone']}", f"model.denoiser_backbone={spec['backbone']}",
                "model.local_backbone=null"]
-    fd = spec.get("feature_dim") or (None if spec["size"] <= 64 else FAITHFUL_224_FEATURE_DIM)
+    if spec.get("classifier_backbone"):
+        ov += [f"model.backbone={spec['classifier_backbone']}"]
+    default_fd = None if spec["size"] <= 64 or spec.get("preset") else FAITHFUL_224_FEATURE_DIM
+    fd = spec.get("feature_dim") or default_fd
     if fd:
         ov.append(f"model.feature_dim={fd}")
     if spec["kind"] == "infer_shared":
         ov.append("model.share_encoder=true")
+    ov += spec.get("extra_overrides", [])
     ov += ["train.dcg_pretrain_epochs=1", "train.epochs=10"]  # so the module has both phases
     return DiffMICConfig.from_yaml(spec["config"], ov)
 
@@ -150,16 +218,27 @@ def run_case(spec: dict[str, Any]) -> dict[str, Any]:
     cfg = build_cfg(spec)
     size, b, kind = spec["size"], spec["batch"], spec["kind"]
     torch.manual_seed(0)
+    num_classes = spec.get("num_classes", NUM_CLASSES)
     images = torch.randint(0, 256, (b, 3, size, size), dtype=torch.uint8)
-    y = torch.randint(0, NUM_CLASSES, (b,))
-    margs = {"num_classes": NUM_CLASSES, "in_chans": 3, "image_size": size}
+    y = torch.randint(0, num_classes, (b,))
+    margs = {"num_classes": num_classes, "in_chans": 3, "image_size": size}
     gen = torch.Generator().manual_seed(0)
     params = None
 
-    if kind in ("infer_classifier", "train_classifier"):
+    if kind == "infer_preset":  # what `diffmic predict` calls, on one batch of [0, 1] images
+        model = build_model(cfg, **margs).eval()
+        params = sum(p.numel() for p in model.parameters())
+        if spec["engine"] == "fused":
+            model = model.fuse_for_inference()  # channels-last above 64 px
+        x01 = images.float() / 255.0
+        samples = spec["samples"]
+
+        def fn() -> Any:
+            return model.predict_details(x01, samples=samples, generator=gen, batch_size=b)
+    elif kind in ("infer_classifier", "infer_backbone_classifier", "train_classifier"):
         cm = ClassifierModule(cfg.to_dict(), margs, epochs=1)
         params = sum(p.numel() for p in cm.parameters())
-        if kind == "infer_classifier":
+        if kind != "train_classifier":
             cm.eval()
             x = cm.inputs(images, train=False)
 
@@ -214,7 +293,9 @@ def run_case(spec: dict[str, Any]) -> dict[str, Any]:
     t = timed(fn, spec["warmup"], spec["repeats"], spec["max_case_seconds"])
     return {"ms_per_img": 1000 * t["seconds"] / b, "img_per_s": b / t["seconds"], "repeats": t["repeats"],
             "batch_seconds": t["all_seconds"], "params": params,
-            "feature_dim": cfg.model.feature_dim, "backbone": cfg.model.backbone}
+            "feature_dim": cfg.model.feature_dim, "backbone": cfg.model.backbone,
+            "denoiser_backbone": cfg.model.denoiser_backbone, "share_encoder": cfg.model.share_encoder,
+            "readout": cfg.eval.readout, "sampling_steps": cfg.diffusion.sampling_steps}
 
 
 def training_module(cfg: Any, margs: dict[str, Any]) -> Any:
@@ -224,7 +305,7 @@ def training_module(cfg: Any, margs: dict[str, Any]) -> Any:
 
     from diffmic.training.module import DiffMICModule
 
-    module = DiffMICModule(cfg.to_dict(), margs | {"class_names": [str(i) for i in range(NUM_CLASSES)]})
+    module = DiffMICModule(cfg.to_dict(), margs | {"class_names": [str(i) for i in range(margs["num_classes"])]})
     opts = module.configure_optimizers()
 
     def clip(opt: Any, gradient_clip_val: float | None = None, gradient_clip_algorithm: str = "norm") -> None:
@@ -276,6 +357,55 @@ def add_ratios(results: list[dict[str, Any]]) -> None:
         ref_kind = "train_classifier" if r["kind"].startswith("train") else "infer_classifier"
         ref = next((q for q in results if q["kind"] == ref_kind and q["size"] == r["size"] and "ms_per_img" in q), None)
         r["ratio_to_classifier"] = r["ms_per_img"] / ref["ms_per_img"] if ref and "ms_per_img" in r else None
+        if r["kind"] != "infer_preset" or "ms_per_img" not in r:
+            continue
+        own = next((q for q in results if q["kind"] == "infer_backbone_classifier" and q["size"] == r["size"]
+                    and "ms_per_img" in q), None)
+        if own:
+            r["ratio_to_backbone_classifier"] = r["ms_per_img"] / own["ms_per_img"]
+        one = next((q for q in results if q["kind"] == "infer_preset" and q["size"] == r["size"]
+                    and q.get("preset_default") and "ms_per_img" in q), None)
+        if one:
+            r["ratio_to_one_chain"] = r["ms_per_img"] / one["ms_per_img"]
+
+
+def quick_targets(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Issue 12's targets, on the --quick measurements (ratios of one run)."""
+    rows = []
+
+    def row(target: str, size: int, v: float | None, limit: float) -> None:
+        if v is not None:
+            rows.append({"target": target, "size": size, "measured": f"{v:.2f}×",
+                         "status": "met" if v <= limit else "not met"})
+
+    for size in sorted({r["size"] for r in results}):
+        t = QUICK_TARGETS.get(size, QUICK_TARGETS[224])
+        ok = [r for r in results if r["size"] == size and "ms_per_img" in r]
+        default = next((r for r in ok if r["kind"] == "infer_preset" and r.get("preset_default")), None)
+        if default:
+            row(f"preset inference (predict's default) ≤ {t['infer']}× plain {QUICK_REFERENCE}", size,
+                default["ratio_to_classifier"], t["infer"])
+        fused = next((r for r in ok if r["kind"] == "infer_preset" and r.get("engine") == "fused"), None)
+        if fused:
+            row(f"the same, fused inference copy ≤ {t['infer']}× plain {QUICK_REFERENCE}", size,
+                fused["ratio_to_classifier"], t["infer"])
+        shared = next((r for r in ok if r["kind"] == "infer_preset" and r.get("extra_overrides")), None)
+        if shared:
+            row(f"the same with model.share_encoder=true ≤ {t['infer']}× plain {QUICK_REFERENCE}", size,
+                shared["ratio_to_classifier"], t["infer"])
+        chains = next((r for r in ok if r["kind"] == "infer_preset" and r.get("samples") == 16
+                       and r.get("engine") == "eager" and not r.get("extra_overrides")), None)
+        if chains:
+            row(f"16 chains ≤ {t['chains16']}× predict's default", size, chains.get("ratio_to_one_chain"), t["chains16"])
+        joint = next((r for r in ok if r["kind"] == "train_joint" and r.get("preset_default")), None)
+        if joint:
+            row(f"preset joint training step ≤ {t['train']}× plain {QUICK_REFERENCE} training step", size,
+                joint["ratio_to_classifier"], t["train"])
+        joint_shared = next((r for r in ok if r["kind"] == "train_joint" and r.get("extra_overrides")), None)
+        if joint_shared:
+            row(f"the same with model.share_encoder=true ≤ {t['train']}× plain {QUICK_REFERENCE} training step",
+                size, joint_shared["ratio_to_classifier"], t["train"])
+    return rows
 
 
 def targets(results: list[dict[str, Any]], default_steps: int) -> list[dict[str, Any]]:
@@ -375,9 +505,54 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def markdown_quick(result: dict[str, Any]) -> str:
+    info, s = result["run"], result["settings"]
+    lines = [
+        "## Speed of the shipped presets (`benchmarks/speed.py --quick`)",
+        "",
+        (f"Command: `{info['command']}` · {common.commit_label(info)} · {info['cpu_count']} CPUs, "
+         f"{info['torch_threads']} torch threads · {info['started']} · wall {result['wall_seconds']:.0f} s"),
+        "",
+        (f"Random weights. 28 px: `configs/retinamnist.yaml` (5 classes); 224 px: `configs/isic2018.yaml` "
+         f"(7 classes); denoiser width {s['feature_dim_note']}. Median of up to {s['repeats']} timed batches "
+         f"after {s['warmup']} warm-up call(s). Inference cases call `DiffMIC.predict_details` on a batch of "
+         f"images in [0, 1] (what `diffmic predict` calls, without decoding; `predict` itself calls it one "
+         f"image at a time). **Bold**: the preset cases marked `preset_default` in the JSON. Ratios: to the "
+         f"plain {s['quick_reference']} classifier of the same size and run (inference to its inference, training "
+         f"step to its step), to a plain classifier of the preset's DCG backbone, and to predict's default "
+         f"(the bold inference row). `model.share_encoder=true` rows show what that accuracy-dependent "
+         f"switch would buy; the preset configs do not set it."),
+    ]
+    for size in s["sizes"]:
+        rows = [r for r in result["results"] if r["size"] == size]
+        lines += ["", f"### {size}×{size}", "",
+                  "| case | batch | ms/img | img/s | × plain classifier | × own-backbone classifier | × predict's default |",
+                  "|---|---|---|---|---|---|---|"]
+
+        def f(v: Any) -> str:
+            return "–" if v is None else f"{v:.2f}×"
+
+        for r in rows:
+            name = f"**{r['name']}**" if r.get("preset_default") else r["name"]
+            if "ms_per_img" not in r:
+                lines.append(f"| {name} | {r['batch']} | error: "
+                             f"{r.get('error', '?').strip().splitlines()[-1][:100]} | | | | |")
+                continue
+            lines.append(f"| {name} | {r['batch']} | {r['ms_per_img']:.2f} | {r['img_per_s']:.1f} | "
+                         f"{f(r['ratio_to_classifier'])} | {f(r.get('ratio_to_backbone_classifier'))} | "
+                         f"{f(r.get('ratio_to_one_chain'))} |")
+    if result["targets"]:
+        lines += ["", "### Targets of issue 12", "", "| target | size | measured | status |", "|---|---|---|---|"]
+        lines += [f"| {r['target']} | {r['size']} | {r['measured']} | {r['status']} |" for r in result["targets"]]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    for name, default, quick in (("warmup", 2, 1), ("repeats", 5, 3), ("max_case_seconds", 60.0, 25.0)):
+        if getattr(args, name) is None:
+            setattr(args, name, quick if args.quick else default)
     threads = common.set_threads(args.threads)
     if args.worker:
         return worker(json.loads(args.worker))
@@ -387,7 +562,11 @@ def main(argv: list[str] | None = None) -> int:
     info = common.run_info("benchmarks/speed.py", argv)
     base = DiffMICConfig.from_yaml(args.config, args.overrides)
     default_steps = base.diffusion.sampling_steps
-    cases, skipped = plan(args, default_steps, base.diffusion.timesteps, args.backbone or base.model.backbone)
+    if args.quick:
+        cases, skipped = plan_quick(args), []
+        args.sizes = sorted({c["size"] for c in cases})
+    else:
+        cases, skipped = plan(args, default_steps, base.diffusion.timesteps, args.backbone or base.model.backbone)
     common_spec = {"config": str(args.config), "overrides": args.overrides, "backbone": args.backbone,
                    "feature_dim": args.feature_dim, "warmup": max(1, args.warmup), "repeats": max(1, args.repeats),
                    "max_case_seconds": args.max_case_seconds}
@@ -417,6 +596,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[speed] {case['size']}px {case['name']}: {what}", flush=True)
     add_ratios(results)
     fd = args.feature_dim
+    if args.quick:
+        note = f"{fd} at every size" if fd else "the preset's (retinamnist 512, isic2018 6144)"
+    else:
+        note = (f"{fd} at every size" if fd else f"{base.model.feature_dim} (config) at ≤ 64 px, "
+                f"{FAITHFUL_224_FEATURE_DIM} (ISIC-like, as the original) above")
     result = {
         "benchmark": "speed",
         "run": info | {"torch_threads": threads},
@@ -426,8 +610,8 @@ def main(argv: list[str] | None = None) -> int:
             "full": args.full, "warmup": max(1, args.warmup), "repeats": max(1, args.repeats),
             "max_case_seconds": args.max_case_seconds, "default_sampling_steps": default_steps,
             "backbone": args.backbone or base.model.backbone, "num_classes": NUM_CLASSES,
-            "feature_dim_note": (f"{fd} at every size" if fd else f"{base.model.feature_dim} (config) at ≤ 64 px, "
-                                 f"{FAITHFUL_224_FEATURE_DIM} (ISIC-like, as the original) above"),
+            "feature_dim_note": note, "quick": args.quick, "quick_reference": args.backbone or QUICK_REFERENCE,
+            "presets": {str(k): str(v) for k, v in QUICK_PRESETS.items()} if args.quick else None,
             "resolved_config": base.to_dict(),
         },
         "memory_method": memory,
@@ -436,9 +620,13 @@ def main(argv: list[str] | None = None) -> int:
         "results": results,
         "skipped": skipped,
     }
-    result["targets"] = targets(results, default_steps)
-    out_path = args.out or common.RESULTS / f"speed-{common.timestamp()}.json"
-    common.publish("speed", out_path, result, None if args.no_docs else args.docs, markdown)
+    result["targets"] = quick_targets(results) if args.quick else targets(results, default_steps)
+    out_path = args.out or common.RESULTS / f"speed-{'quick-' if args.quick else ''}{common.timestamp()}.json"
+    if args.quick:
+        common.publish("speed", out_path, result, None if args.no_docs else args.docs, markdown_quick,
+                       section="speed-quick")
+    else:
+        common.publish("speed", out_path, result, None if args.no_docs else args.docs, markdown)
     return 1 if any("error" in r for r in results) else 0
 
 

@@ -165,3 +165,73 @@ def test_accuracy_budget_split() -> None:
     assert accuracy.split_budget(15, 85, 3) == (1, 2)
     assert accuracy.split_budget(15, 85, 1) == (0, 1)
     assert accuracy.split_budget(3, 0, 5) == (5, 0)
+
+
+def test_speed_quick_smoke(tmp_path: Path, keep_threads: None) -> None:
+    """--quick on the shipped presets with a tiny backbone: JSON marks the preset cases, docs get a section."""
+    speed = _load("speed")
+    out, docs = tmp_path / "quick.json", tmp_path / "benchmarks.md"
+    docs.write_text("# Benchmarks\n\nHand-written intro that must survive.\n")
+    rc = speed.main([
+        "--quick", "--backbone", "test_resnet", "--feature-dim", "16", "--batch", "2", "--chains", "3",
+        "--set", "diffusion.sampling_steps=2", "--repeats", "1", "--in-process", "--threads", "1",
+        "--out", str(out), "--docs", str(docs),
+    ])
+    assert rc == 0
+    result = json.loads(out.read_text())
+    assert result["settings"]["quick"] is True and result["settings"]["sizes"] == [28, 224]
+    for r in result["results"]:
+        assert "error" not in r, r.get("error")
+        assert r["ms_per_img"] > 0 and r["ratio_to_classifier"] > 0
+    for size, readout in ((28, "mean_path"), (224, "mean_softmax")):  # the presets' own readouts
+        rows = [r for r in result["results"] if r["size"] == size]
+        marked = [r for r in rows if r["preset_default"]]
+        assert sorted(r["kind"] for r in marked) == ["infer_preset", "train_joint"]
+        default = next(r for r in marked if r["kind"] == "infer_preset")
+        assert default["samples"] == 1 and default["engine"] == "eager" and default["readout"] == readout
+        assert default["ratio_to_one_chain"] == 1.0
+        kinds = {(r["kind"], r.get("samples"), r.get("engine")) for r in rows}
+        assert {("infer_classifier", None, None), ("infer_preset", 3, "eager"), ("infer_preset", 1, "fused"),
+                ("train_classifier", None, None)} <= kinds
+        shared = [r for r in rows if r.get("extra_overrides") == ["model.share_encoder=true"]]
+        assert sorted(r["kind"] for r in shared) == ["infer_preset", "train_joint"]
+        assert all(r["share_encoder"] for r in shared) and not default["share_encoder"]
+    assert {t["size"] for t in result["targets"]} == {28, 224}
+    text = docs.read_text()
+    assert "Hand-written intro that must survive." in text
+    section = text.split("<!-- speed-quick:start -->")[1].split("<!-- speed-quick:end -->")[0]
+    assert "### 28×28" in section and "### 224×224" in section and "### Targets of issue 12" in section
+    assert "**preset as `diffmic predict` runs it" in section
+
+
+def test_speed_quick_plan() -> None:
+    """The default --quick plan: the presets, a ResNet-18 reference, 16 and 100 chains, two marked cases per size."""
+    speed = _load("speed")
+    cases = speed.plan_quick(speed.parse_args(["--quick"]))
+    for size, backbone in ((28, "resnet18"), (224, "resnet50")):
+        rows = [c for c in cases if c["size"] == size]
+        assert rows[0]["kind"] == "infer_classifier" and rows[0]["classifier_backbone"] == "resnet18"
+        assert [c["kind"] for c in rows if c["preset_default"]] == ["infer_preset", "train_joint"]
+        assert {c.get("samples") for c in rows if c["kind"] == "infer_preset"} == {1, 16, 100}
+        own = [c for c in rows if c["kind"] == "infer_backbone_classifier"]
+        assert [c["classifier_backbone"] for c in own] == ([] if backbone == "resnet18" else [backbone])
+    assert all(Path(c["config"]).name == ("retinamnist.yaml" if c["size"] == 28 else "isic2018.yaml") for c in cases)
+
+
+def test_profile_modules_smoke(tmp_path: Path, keep_threads: None) -> None:
+    prof = _load("profile_modules")
+    out, md = tmp_path / "prof.json", tmp_path / "prof.md"
+    rc = prof.main(["--sizes", "28", "--backbone", "test_resnet", "--set", "model.feature_dim=16", "--set",
+                    "diffusion.sampling_steps=2", "--batch", "2", "--samples", "1", "3", "--repeats", "1",
+                    "--threads", "1", "--out", str(out), "--md", str(md)])
+    assert rc == 0
+    cases = json.loads(out.read_text())["cases"]
+    assert [c["case"].split(",")[0] for c in cases] == [
+        "plain test_resnet classifier", "inference", "inference", "plain test_resnet classifier",
+        "joint training step (DiffMICModule.training_step)"]
+    infer = cases[1]["parts"]
+    assert {"dcg", "dcg.global", "dcg.roi", "dcg.local", "encoder", "mlp", "sampler"} <= set(infer)
+    assert infer["mlp"]["calls"] == 2 and 0 < infer["dcg.global"]["share"] < 1
+    assert {"dcg.prior_nograd", "encoder", "mlp", "backward.diffusion", "opt.denoiser", "ema", "dcg.step",
+            "backward.dcg"} <= set(cases[4]["parts"])
+    assert "| dcg.global |" in md.read_text()

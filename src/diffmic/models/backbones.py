@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import nn
 
@@ -68,7 +70,7 @@ def create_backbone(
             num_classes=0,
             global_pool="avg" if pooled else "",
         )
-    except Exception as exc:  # network / hub errors when downloading weights
+    except Exception as exc:  # noqa: BLE001 - network / hub errors when downloading weights
         if pretrained:
             raise ConfigError(
                 f"could not load pretrained weights for {name!r} ({type(exc).__name__}: "
@@ -96,3 +98,51 @@ class FeatureMap(nn.Module):
                 "the DCG needs a convolutional backbone"
             )
         return out
+
+
+def _bn_partner(name: str) -> str | None:
+    """The conv a BatchNorm named like timm's ResNet blocks normalises: ``bn2`` -> ``conv2``, ``bn`` -> ``conv``."""
+    if name == "bn" or (name.startswith("bn") and name[2:].isdigit()):
+        return "conv" + name[2:]
+    return None
+
+
+def fuse_conv_bn(module: nn.Module) -> int:
+    """Fold every eval-mode ``BatchNorm2d`` that directly follows a ``Conv2d`` into that conv, in place.
+
+    Two patterns are recognised: a ``BatchNorm2d`` right after a ``Conv2d`` inside an
+    ``nn.Sequential`` (ResNet downsample paths), and sibling attributes ``convN`` / ``bnN`` (timm's
+    ResNet stems and blocks, whose ``forward`` applies ``bnN`` straight to ``convN``'s output; a
+    ``convN`` that is a Sequential ending in a ``Conv2d``, the deep stem, counts as that conv).
+    Only plain ``nn.BatchNorm2d`` is folded (timm's ``BatchNormAct2d`` carries an activation and
+    is left alone). The folded BatchNorm becomes ``nn.Identity``. Inference only: the statistics
+    are frozen into the weights. Callers should compare outputs before and after
+    (:meth:`diffmic.models.DiffMIC.fuse_for_inference` does). Returns the number of folds.
+    """
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    folds = 0
+    for parent in list(module.modules()):
+        children = dict(parent.named_children())
+        if isinstance(parent, nn.Sequential):
+            names = list(children)
+            for a, b in itertools.pairwise(names):
+                conv, bn = children[a], children[b]
+                if isinstance(conv, nn.Conv2d) and type(bn) is nn.BatchNorm2d:
+                    setattr(parent, a, fuse_conv_bn_eval(conv.eval(), bn.eval()))
+                    setattr(parent, b, nn.Identity())
+                    folds += 1
+            continue
+        for name, bn in children.items():
+            partner = _bn_partner(name)
+            if type(bn) is not nn.BatchNorm2d or partner is None or partner not in children:
+                continue
+            conv, holder, attr = children[partner], parent, partner
+            if isinstance(conv, nn.Sequential) and len(conv) and isinstance(conv[-1], nn.Conv2d):
+                holder, attr, conv = conv, str(len(conv) - 1), conv[-1]
+            if not isinstance(conv, nn.Conv2d):
+                continue
+            setattr(holder, attr, fuse_conv_bn_eval(conv.eval(), bn.eval()))
+            setattr(parent, name, nn.Identity())
+            folds += 1
+    return folds

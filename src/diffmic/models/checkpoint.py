@@ -43,6 +43,9 @@ REQUIRED_MODEL_ARGS = ("num_classes", "in_chans", "image_size", "class_names")
 
 def model_payload(model: DiffMIC, *, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """The checkpoint dict of ``model`` (see the module docstring)."""
+    if model.inference_only:
+        raise CheckpointError("an inference-only copy (DiffMIC.fuse_for_inference) cannot be saved: its BatchNorm "
+                              "layers are folded into the weights; save the model it was made from")
     return {
         "format": CHECKPOINT_FORMAT,
         "version": CHECKPOINT_VERSION,

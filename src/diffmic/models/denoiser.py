@@ -96,3 +96,15 @@ def mmse_skip_init(alphas_cumprod: Tensor, num_classes: int) -> Tensor:
     """c(t) = √(1−ᾱ_t)/(ᾱ_t·v + 1 − ᾱ_t) with v = 1/C: E[ε | r_t] if r_0 ~ N(0, v·I)."""
     v = 1.0 / num_classes
     return (1 - alphas_cumprod).sqrt() / (alphas_cumprod * v + 1 - alphas_cumprod)
+
+
+def fuse_linear_bn(linear: nn.Linear, bn: nn.BatchNorm1d) -> nn.Linear:
+    """``bn(linear(x))`` in eval mode as one ``nn.Linear`` (a new module; the inputs are untouched)."""
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps) if bn.affine else 1 / torch.sqrt(bn.running_var + bn.eps)
+    shift = bn.bias - bn.running_mean * scale if bn.affine else -bn.running_mean * scale
+    fused = nn.Linear(linear.in_features, linear.out_features, device=linear.weight.device, dtype=linear.weight.dtype)
+    with torch.no_grad():
+        fused.weight.copy_(linear.weight * scale[:, None])
+        bias = linear.bias if linear.bias is not None else torch.zeros_like(shift)
+        fused.bias.copy_(bias * scale + shift)
+    return fused.requires_grad_(False)

@@ -8,6 +8,7 @@ the deterministic mean path (DDIM η = 0 from ŷ itself) when the readout needs 
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, NamedTuple
@@ -17,11 +18,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diffmic.diffusion.readout import mean_softmax_probs, readout_probs
-from diffmic.diffusion.sampling import sample, sample_mean_path
+from diffmic.diffusion.sampling import sample, sample_ddim, sample_mean_path
 from diffmic.diffusion.schedule import CardSchedule
 from diffmic.errors import DataError
 from diffmic.images import ImageSpec, to_batch, to_model_input
-from diffmic.models.denoiser import LabelDenoiser
+from diffmic.models.backbones import fuse_conv_bn
+from diffmic.models.denoiser import LabelDenoiser, fuse_linear_bn
 from diffmic.models.guidance import DCG, GuidanceOutput
 
 
@@ -36,6 +38,17 @@ class Prediction(NamedTuple):
 
 
 probs_from_y0 = mean_softmax_probs  # (S, B, C) -> (B, C): mean over S of softmax(y_0 / temperature)
+
+
+class _ChannelsLast(nn.Module):
+    """Run ``net`` on a channels-last copy of its input (inference copies only)."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x.contiguous(memory_format=torch.channels_last))
 
 
 class DiffMIC(nn.Module):
@@ -175,7 +188,27 @@ class DiffMIC(nn.Module):
         sampler: str | None = None,
         num_steps: int | None = None,
     ) -> tuple[Tensor | None, Tensor | None]:
-        """(chains (S, B, C) or None, mean path (B, C) or None) from features computed once."""
+        """(chains (S, B, C) or None, mean path (B, C) or None) from features computed once.
+
+        When both are wanted, the sampler is DDIM with η = 0 and the denoiser is in eval mode, the
+        mean path rides along as S + 1-th chain with zero noise: one MLP call per step for all of
+        them (the same numbers as two separate runs; the chains draw the same noise).
+        """
+        steps = num_steps or self.sampling_steps
+        if chains and path and (sampler or self.sampler) == "ddim" and self.eta == 0 and not self.denoiser.training:
+            b, c = prior.shape
+            noise = torch.randn((samples * b, c), generator=generator, device=prior.device,
+                                dtype=prior.dtype)  # exactly what sample_ddim draws for the chains
+            feats_all, prior_all = feats.repeat(samples + 1, 1), prior.repeat(samples + 1, 1)
+            y0 = sample_ddim(
+                self.schedule,
+                lambda y_t, t: self.denoiser.denoise(feats_all, y_t, prior_all, t),
+                prior_all,
+                steps,
+                eta=0.0,
+                noise=torch.cat([noise, torch.zeros_like(prior)]),
+            )
+            return y0[: samples * b].view(samples, b, -1), y0[samples * b:]
         ys = self.sample_y0(feats, prior, samples=samples, generator=generator, sampler=sampler,
                             num_steps=num_steps) if chains else None
         yp = self.mean_path(feats, prior, num_steps=num_steps) if path else None
@@ -209,6 +242,59 @@ class DiffMIC(nn.Module):
         y0 = chains if chains is not None else path.unsqueeze(0)  # type: ignore[union-attr]
         return Prediction(probs, y0, prior, guide, path)
 
+    # ------------------------------------------------------------- inference copy
+    inference_only: bool = False  # True on the copies made by fuse_for_inference
+
+    def train(self, mode: bool = True) -> DiffMIC:
+        if mode and self.inference_only:
+            raise RuntimeError("this DiffMIC is an inference-only copy (fuse_for_inference: BatchNorm is folded "
+                               "into the weights); train the model it was made from")
+        return super().train(mode)
+
+    def fuse_for_inference(self, *, channels_last: bool | None = None, check: bool = True) -> DiffMIC:
+        """An inference-only copy with every BatchNorm folded into the layer before it.
+
+        The backbones' ``Conv2d`` + ``BatchNorm2d`` pairs (:func:`~diffmic.models.backbones.fuse_conv_bn`)
+        and the denoiser's ``proj`` + ``norm0`` become single layers with the running statistics
+        frozen into their weights, so an eval-mode forward pass computes the same function with
+        fewer kernels. ``self`` is not changed: training goes on with it. The copy is in eval mode,
+        refuses ``train()`` and :func:`~diffmic.models.checkpoint.save_model`, and carries no
+        gradients.
+
+        Args:
+            channels_last: also store the convolution weights in ``torch.channels_last`` and feed
+                the backbones channels-last inputs; None: only above 64 px (measured about 5% less
+                CPU time at 224 px on top of the folding, no clear gain at 28 px; docs/speed.md).
+            check: compare every folded backbone with its original on a random batch and keep the
+                original where they differ by more than 1e-4 relative (a backbone whose
+                ``forward`` does not apply ``bnN`` right after ``convN``).
+        """
+        if channels_last is None:
+            channels_last = self.image_size > 64
+        fused = copy.deepcopy(self).eval().requires_grad_(False)
+        nets = [(fused.guidance, "global_net", self.image_size), (fused.guidance, "local_net", fused.guidance.crop_size)]
+        if fused.denoiser.encoder is not None:
+            nets.append((fused.denoiser, "encoder", self.image_size))
+        gen = torch.Generator().manual_seed(0)
+        for holder, attr, size in nets:
+            original = getattr(holder, attr)
+            net = copy.deepcopy(original)
+            fuse_conv_bn(net)
+            if channels_last:
+                net = _ChannelsLast(net.to(memory_format=torch.channels_last))
+            if check:
+                x = torch.randn(2, self.in_chans, size, size, generator=gen).to(self.mean.device)
+                with torch.inference_mode():
+                    ref, out = original(x), net(x)
+                if not (out - ref).abs().max() <= 1e-4 * max(1.0, float(ref.abs().max())):
+                    net = original
+            setattr(holder, attr, net)
+        d = fused.denoiser
+        if isinstance(d.norm0, nn.BatchNorm1d):
+            d.proj, d.norm0 = fuse_linear_bn(d.proj, d.norm0), nn.Identity()
+        fused.inference_only = True
+        return fused
+
     # ------------------------------------------------------------------ user API
     def preprocess(self, images: Any) -> Tensor:
         """Images (tensor, numpy array, PIL image, or a list of them) -> normalised (N, C, H, W).
@@ -231,7 +317,7 @@ class DiffMIC(nn.Module):
         finally:
             self.train(was_training)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def predict_proba(
         self,
         images: Any,
@@ -246,12 +332,12 @@ class DiffMIC(nn.Module):
             out = [self(chunk, samples=samples, generator=generator).probs for chunk in x.split(batch_size)]
         return torch.cat(out)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def predict(self, images: Any, **kwargs: Any) -> Tensor:
         """Predicted class indices (N,)."""
         return self.predict_proba(images, **kwargs).argmax(dim=1)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def predict_details(
         self,
         images: Any,
@@ -290,7 +376,7 @@ class DiffMIC(nn.Module):
                 parts["interval_high"].append(high)
         return {k: torch.cat(v) for k, v in parts.items()}
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def explain(
         self,
         image: Any,

@@ -67,7 +67,7 @@ def greedy_max_windows(saliency: Tensor, window: tuple[int, int], k: int) -> Ten
         Upper-left cells (B, k, 2) as (row, col), long. Ties go to the first cell in row-major
         order. A window overlapping already-taken cells is chosen only when every window does.
     """
-    b, h, w = saliency.shape
+    _, h, w = saliency.shape
     wh, ww = min(window[0], h), min(window[1], w)
     s = saliency.detach().unsqueeze(1).float()  # (B, 1, h, w)
     taken = torch.zeros_like(s)
