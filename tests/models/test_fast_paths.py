@@ -119,6 +119,7 @@ def _all_outputs(m: DiffMIC, x: torch.Tensor, samples: int) -> list[torch.Tensor
     ("test_resnet", (), False),
     ("test_resnet", ("model.share_encoder=true",), True),
     ("resnet18", (), True),  # the presets' backbone, small stem at 28 px
+    ("test_resnet", ("model.local_branch=false",), False),  # the ablation without the local branch
 ])
 def test_fused_copy_matches_eager(backbone, extra, channels_last):
     model = make_model(backbone, extra)

@@ -272,7 +272,9 @@ class DiffMIC(nn.Module):
         if channels_last is None:
             channels_last = self.image_size > 64
         fused = copy.deepcopy(self).eval().requires_grad_(False)
-        nets = [(fused.guidance, "global_net", self.image_size), (fused.guidance, "local_net", fused.guidance.crop_size)]
+        nets = [(fused.guidance, "global_net", self.image_size)]
+        if fused.guidance.local_net is not None:  # None without the local branch (model.local_branch=false)
+            nets.append((fused.guidance, "local_net", fused.guidance.crop_size))
         if fused.denoiser.encoder is not None:
             nets.append((fused.denoiser, "encoder", self.image_size))
         gen = torch.Generator().manual_seed(0)
