@@ -19,6 +19,7 @@ from diffmic.evaluation.metrics import classification_metrics
 from diffmic.models.backbones import create_backbone, small_input_default
 from diffmic.training.augment import augment_batch
 from diffmic.training.module import warmup_cosine
+from diffmic.training.optim import adam
 
 
 class ClassifierModule(L.LightningModule):
@@ -66,7 +67,7 @@ class ClassifierModule(L.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         t = self.cfg.train
-        return torch.optim.Adam(self.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+        return adam(self.parameters(), lr=t.lr, weight_decay=t.weight_decay)
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         images, y = batch[0], batch[1]

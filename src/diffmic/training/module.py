@@ -22,6 +22,7 @@ from diffmic.training.augment import augment_batch
 from diffmic.training.checkpointing import rng_state, set_rng_state
 from diffmic.training.crossfit import CrossFit, crossfit_priors
 from diffmic.training.ema import EMA
+from diffmic.training.optim import adam
 
 
 def first_occurrences(index: Tensor) -> Tensor:
@@ -95,11 +96,11 @@ class DiffMICModule(L.LightningModule):
 
     def _dcg_optimizer(self, params: Any) -> torch.optim.Optimizer:
         t = self.cfg.train
-        return torch.optim.Adam(params, lr=t.dcg_lr, weight_decay=t.dcg_weight_decay, amsgrad=True)
+        return adam(params, lr=t.dcg_lr, weight_decay=t.dcg_weight_decay, amsgrad=True)
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         t = self.cfg.train
-        denoiser = torch.optim.Adam(self.model.denoiser.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+        denoiser = adam(self.model.denoiser.parameters(), lr=t.lr, weight_decay=t.weight_decay)
         return [denoiser, self._dcg_optimizer(self.model.guidance.parameters())]
 
     # ------------------------------------------------------------- checkpoints
