@@ -23,7 +23,9 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "diffmic"
 
 # Which parts of the package each part may import (a part is a top-level module or subpackage).
 # Bottom to top: base (errors, _io, _version) <- config, diffusion, images <- models, data <- runs
-# <- evaluation, export <- training <- the face (cli, __init__, __main__), which may import all.
+# <- evaluation, export <- training <- the face (cli, __init__, __main__), which may import all. The
+# app sits on top, beside the CLI, and uses only the public API: ``diffmic.load_model`` (the package
+# face, "__init__"), images, models and evaluation.
 BASE = {"errors", "_io", "_version"}
 ALLOWED: dict[str, set[str]] = {
     "errors": set(),
@@ -38,6 +40,7 @@ ALLOWED: dict[str, set[str]] = {
     "evaluation": BASE | {"config", "data", "diffusion", "models", "runs"},
     "export": BASE | {"diffusion", "models", "images"},
     "training": BASE | {"config", "data", "diffusion", "evaluation", "models", "runs"},
+    "app": BASE | {"__init__", "images", "models", "evaluation"},
 }
 FACE = {"cli", "__init__", "__main__"}  # the package face may import every part
 

@@ -32,6 +32,9 @@ EXAMPLES = {
     "config": "example:\n  diffmic config --config configs/retinamnist.yaml --set train.epochs=5",
     "export": "example:\n  diffmic export --checkpoint runs/retinamnist/model.pt --format onnx --out model.onnx "
               "--samples 8 --steps 10\n(see docs/export.md for the graph's inputs and outputs)",
+    "app": "examples:\n  diffmic app --checkpoint runs/retinamnist/model.pt   # then open http://127.0.0.1:7860\n"
+           "  diffmic app --checkpoint runs/retinamnist/model.pt --coverage 0.9 --calibration test.json\n"
+           "(needs pip install 'diffmic[app]'; see docs/app.md)",
 }
 
 
@@ -141,6 +144,21 @@ def _parser() -> argparse.ArgumentParser:
     xp.add_argument("--steps", type=positive_int, default=None, help="DDIM steps (default: the checkpoint's sampling_steps)")
     xp.add_argument("--batch-size", type=positive_int, default=None,
                     help="fix the batch size (default: dynamic batch axis)")
+    ap = add("app", "Serve a local web page (Gradio, offline) that classifies dropped images with a checkpoint.")
+    ap.add_argument("--checkpoint", required=True, type=Path, help="model.pt or a Lightning .ckpt")
+    ap.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    ap.add_argument("--port", type=positive_int, default=7860, help="port (default: 7860)")
+    ap.add_argument("--coverage", type=float, default=None, metavar="C",
+                    help="flag 'refer to a specialist' under the confidence that keeps a fraction C of the "
+                         "validation split (computed at start-up, or read from --calibration)")
+    ap.add_argument("--calibration", type=Path, default=None, metavar="FILE",
+                    help="the JSON of 'diffmic evaluate --calibrate --out FILE' (its referral thresholds)")
+    ap.add_argument("--threshold", type=float, default=None, metavar="T",
+                    help="flag 'refer to a specialist' when the confidence (max probability) is under T")
+    ap.add_argument("--samples", type=positive_int, default=16,
+                    help="reverse chains per image, for the 95%% intervals and votes (default: 16)")
+    ap.add_argument("--seed", type=int, default=0, help="sampling seed")
+    ap.add_argument("--max-upload-mb", type=float, default=20.0, help="largest accepted upload (default: 20 MB)")
     return p
 
 
@@ -384,6 +402,14 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_app(args: argparse.Namespace) -> int:
+    from diffmic.app import launch
+
+    launch(args.checkpoint, host=args.host, port=args.port, threshold=args.threshold, coverage=args.coverage,
+           calibration=args.calibration, samples=args.samples, seed=args.seed, max_upload_mb=args.max_upload_mb)
+    return 0
+
+
 COMMANDS = {
     "train": _cmd_train,
     "evaluate": _cmd_evaluate,
@@ -392,6 +418,7 @@ COMMANDS = {
     "report": _cmd_report,
     "config": _cmd_config,
     "export": _cmd_export,
+    "app": _cmd_app,
 }
 
 

@@ -27,7 +27,7 @@ def test_version_and_help(capsys):
     assert "diffmic" in capsys.readouterr().out
     from diffmic.cli import COMMANDS
 
-    assert set(COMMANDS) == {"train", "evaluate", "predict", "explain", "report", "export", "config"}
+    assert set(COMMANDS) == {"train", "evaluate", "predict", "explain", "report", "export", "config", "app"}
     for cmd in COMMANDS:
         with pytest.raises(SystemExit):
             main([cmd, "--help"])

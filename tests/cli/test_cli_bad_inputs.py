@@ -348,6 +348,18 @@ def c_explain_empty_folder(t, e):
     return ["explain", "--checkpoint", e["ckpt"], t / "empty", "--out", t / "figs"], "no image files", [t / "figs"]
 
 
+def c_app_threshold_and_coverage(t, e):
+    return ["app", "--checkpoint", e["ckpt"], "--threshold", "0.8", "--coverage", "0.9"], "either --threshold", []
+
+
+def c_app_calibration_without_coverage(t, e):
+    return ["app", "--checkpoint", e["ckpt"], "--calibration", t / "test.json"], "needs --coverage", []
+
+
+def c_app_zero_upload_limit(t, e):
+    return ["app", "--checkpoint", e["ckpt"], "--max-upload-mb", "0"], "--max-upload-mb must be > 0", []
+
+
 CASES = [v for k, v in sorted(globals().items()) if k.startswith("c_")]
 
 

@@ -14,7 +14,9 @@ from diffmic.evaluation.calibration import (
     coverage_curve,
     expected_calibration_error,
     fit_temperature,
+    referral_thresholds,
     reliability_bins,
+    threshold_at_coverage,
 )
 from diffmic.evaluation.metrics import classification_metrics, confusion_matrix, per_class_table
 from diffmic.evaluation.report import EvalReport, build_report, evaluate, predict_split
@@ -35,6 +37,8 @@ __all__ = [
     "per_class_table",
     "predict_split",
     "predictive_entropy",
+    "referral_thresholds",
     "reliability_bins",
+    "threshold_at_coverage",
     "vote_fractions",
 ]

@@ -298,6 +298,36 @@ def accuracy_at_coverage(
     return out
 
 
+def threshold_at_coverage(probs: Any, coverage: float, confidence: Any = None) -> tuple[float, int]:
+    """The confidence threshold that keeps ``coverage`` of these images (e.g. the validation split).
+
+    The ceil(c·N) most confident images are kept: the threshold is the confidence of the last of
+    them, and an image whose confidence is **below** it is referred. Same ``k`` as
+    :func:`accuracy_at_coverage`; ties at the threshold are all kept, so at least ``k`` images pass.
+
+    Returns:
+        (threshold, k).
+    """
+    if not 0.0 < coverage <= 1.0:
+        raise ValueError(f"coverage must be in (0, 1], got {coverage}")
+    p = _probs(probs)
+    _nonempty(len(p))
+    conf = np.sort(_confidence(p, confidence).numpy())[::-1]
+    k = min(len(conf), max(1, math.ceil(coverage * len(conf) - 1e-9)))
+    return float(conf[k - 1]), int(k)
+
+
+def referral_thresholds(
+    probs: Any, coverages: Sequence[float] = DEFAULT_COVERAGES, confidence: Any = None
+) -> list[dict[str, float]]:
+    """:func:`threshold_at_coverage` at each coverage: ``{"coverage", "threshold", "images"}``."""
+    out = []
+    for c in coverages:
+        t, k = threshold_at_coverage(probs, c, confidence)
+        out.append({"coverage": float(c), "threshold": t, "images": k})
+    return out
+
+
 def uncertainty_summary(
     probs: Any,
     labels: Any,
@@ -314,7 +344,9 @@ def uncertainty_summary(
     ``ece`` / ``ece_calibrated`` and ``nll`` /
     ``nll_calibrated`` before/after temperature scaling; ``val_ece`` / ``val_ece_calibrated`` on
     the calibration split; ``aurc`` (max-probability confidence) and ``aurc_entropy``;
-    ``coverage_accuracy`` points; ``n_bins``; ``calibration_images``.
+    ``coverage_accuracy`` points; ``referral_thresholds``: the max-probability confidence that keeps
+    each coverage of the **calibration** split (:func:`referral_thresholds` of ``val_probs``; refer an
+    image whose confidence is below it); ``n_bins``; ``calibration_images``.
     """
     t = fit_temperature(val_probs, val_labels, kind="probs")
     lo, hi = TEMPERATURE_BOUNDS
@@ -334,6 +366,7 @@ def uncertainty_summary(
         "aurc": aurc(probs, labels),
         "aurc_entropy": aurc(probs, labels, "entropy"),
         "coverage_accuracy": accuracy_at_coverage(probs, labels, coverages),
+        "referral_thresholds": referral_thresholds(val_probs, coverages),
     }
 
 
@@ -348,6 +381,8 @@ __all__ = [
     "expected_calibration_error",
     "fit_temperature",
     "negative_log_likelihood",
+    "referral_thresholds",
     "reliability_bins",
+    "threshold_at_coverage",
     "uncertainty_summary",
 ]
