@@ -60,7 +60,8 @@ if TYPE_CHECKING:  # pragma: no cover
 def load_model(path: str | Path, map_location: Any = "cpu") -> DiffMIC:
     """Load a model from a model file (``model.pt``) or a Lightning ``.ckpt`` of a training run.
 
-    The model is in eval mode on ``map_location``. Errors are one-line ``CheckpointError``s.
+    The model is in eval mode on ``map_location``. Errors are one-line ``CheckpointError``s. The
+    ``checkpoints/best.ckpt`` of a finished run (removed when it finished) reads its ``model.pt``.
     """
     from diffmic.models.checkpoint import (
         CHECKPOINT_FORMAT,
@@ -68,6 +69,10 @@ def load_model(path: str | Path, map_location: Any = "cpu") -> DiffMIC:
         model_from_payload,
     )
 
+    if not Path(path).exists():
+        from diffmic.runs import RunDir
+
+        path = RunDir.resolve_checkpoint(path)
     payload = load_checkpoint_payload(path, map_location)
     if payload.get("format") != CHECKPOINT_FORMAT:  # a training checkpoint: the training layer reads it
         from diffmic.training.checkpointing import lightning_to_model_payload

@@ -112,6 +112,8 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--recursive", action="store_true", help="also take the images in sub-folders of a folder")
     pr.add_argument("--samples", type=positive_int, default=1, help="reverse chains per image")
     pr.add_argument("--seed", type=int, default=0)
+    pr.add_argument("--batch-size", type=positive_int, default=256,
+                    help="images per model call (default 256; lower it to use less memory)")
     pr.add_argument("--out", type=Path, help="write a CSV here (default: stdout)")
 
     x = add("explain", "Save a figure per image: ROI crops with attention weights, the predicted class's "
@@ -299,9 +301,34 @@ def _load_images(paths: list[Path], spec) -> list:
     return [load_image(p, spec) for p in paths]
 
 
-def _cmd_predict(args: argparse.Namespace) -> int:
+def predict_files(model, paths: Sequence[str | Path], *, samples: int = 1, seed: int = 0, batch_size: int = 256,
+                  on_loaded=None) -> dict:
+    """What ``diffmic predict`` computes for image files: :meth:`DiffMIC.predict_details` of their images.
+
+    Each file is decoded once (:func:`diffmic.images.load_image`: the uint8 array a dataset reader
+    stores); the images are then predicted together, ``batch_size`` per model call, with one
+    generator seeded by ``seed``. ``on_loaded()`` is called once every file is decoded. Errors
+    name the file.
+    """
+    import numpy as np
     import torch
 
+    paths = [Path(p) for p in paths]
+    images = np.stack(_load_images(paths, model.image_spec)) if paths else None  # all (size, size, channels)
+    if on_loaded is not None:
+        on_loaded()
+    if images is None:
+        raise DataError("no images given")
+    gen = torch.Generator().manual_seed(seed)
+    try:
+        return model.predict_details(images, samples=samples, generator=gen, batch_size=batch_size)
+    except DiffMICError:
+        for path, im in zip(paths, images, strict=True):  # which image the model cannot take
+            _named(path, model.predict_details, im, samples=1, generator=torch.Generator().manual_seed(seed))
+        raise
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
     from diffmic import load_model
     from diffmic.evaluation.report import predictions_csv
 
@@ -309,17 +336,18 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     if args.out:
         check_output_file(args.out, ConfigError, [*paths, args.checkpoint])
     model = load_model(args.checkpoint)
-    images = _load_images(paths, model.image_spec)  # exactly the reader's uint8 arrays
-    for note in notes:
-        print(note, file=sys.stderr)
-    gen = torch.Generator().manual_seed(args.seed)
+
+    def print_notes() -> None:  # once the images are read: a bad image's error stays one line
+        for note in notes:
+            print(note, file=sys.stderr)
+
     # Nothing is written before every image has been predicted; a bad image names its file.
-    details = [_named(path, model.predict_details, im, samples=args.samples, generator=gen)
-               for path, im in zip(paths, images, strict=True)]
-    text = predictions_csv([str(p) for p in paths], details, model.class_names)
+    details = predict_files(model, paths, samples=args.samples, seed=args.seed, batch_size=args.batch_size,
+                            on_loaded=print_notes)
+    text = predictions_csv([str(p) for p in paths], [details], model.class_names)
     if args.out:
         atomic_write_text(args.out, text)
-        print(f"{len(images)} predictions written to {args.out}")
+        print(f"{len(paths)} predictions written to {args.out}")
     else:
         sys.stdout.write(text)
     return 0

@@ -5,10 +5,15 @@
     <run>/config.yaml             resolved config (written first)
     <run>/split.json              the train/val/test split, for layouts that ship none
     <run>/checkpoints/last.ckpt   Lightning checkpoint, every epoch (what a resume continues)
-    <run>/checkpoints/best.ckpt   Lightning checkpoint, the best validation epoch so far
+    <run>/checkpoints/best.ckpt   while training: the best validation epoch's weights so far, as a
+                                  model file (no optimiser state); removed once the run finished
     <run>/logs/metrics.csv        training curves (Lightning CSVLogger)
     <run>/model.pt                the selected model (diffmic.models.checkpoint format)
     <run>/metrics.json            val and test metrics (written last: a finished run has it)
+
+A finished run holds the selected model once (``model.pt``) and one resumable checkpoint
+(``last.ckpt``); :meth:`RunDir.resolve_checkpoint` reads the ``best.ckpt`` path of a finished run
+as its ``model.pt``.
 
 It sits above ``data`` and ``models`` (it rebuilds a run's data and loads its model) and below
 ``evaluation`` and ``training``, which both read runs.
@@ -105,6 +110,23 @@ class RunDir:
             if (folder / CONFIG_FILE).is_file():
                 return cls(folder)
         return None
+
+    @staticmethod
+    def resolve_checkpoint(path: str | Path) -> Path:
+        """``path``, except that the removed ``checkpoints/best.ckpt`` of a finished run is its ``model.pt``.
+
+        A finished run keeps the selected model once, as ``model.pt`` (the weights ``best.ckpt``
+        held, with the temperature fitted after training); commands given the old path read it.
+        """
+        path = Path(path)
+        if path.exists():
+            return path
+        run = RunDir.of_checkpoint(path)
+        if run is not None and path.absolute() == run.best_checkpoint.absolute() and run.is_finished \
+                and run.model_file.is_file():
+            log.info("%s was removed when the run finished; reading the selected model %s", path, run.model_file)
+            return run.model_file
+        return path
 
     # ------------------------------------------------------------------ readers
     def load_config(self) -> DiffMICConfig:

@@ -115,7 +115,9 @@ def test_resumed_run_finishes_with_continuous_steps(runs):
     res = torch.load(killed / "checkpoints" / "last.ckpt", weights_only=True)
     assert res["epoch"] == ref["epoch"] == 3
     assert res["global_step"] == ref["global_step"] > 0
-    # every checkpoint file loads completely; no temporary files are left
+    # one resumable checkpoint is kept (the selected model is model.pt); no temporary files are left
+    for run in (reference, killed):
+        assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.ckpt"]
     for p in (killed / "checkpoints").iterdir():
         assert p.suffix == ".ckpt", p
         torch.load(p, weights_only=True)

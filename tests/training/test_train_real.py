@@ -30,8 +30,9 @@ def trained_run(tmp_path_factory, request):
 
 def test_run_writes_everything(trained_run):
     result, _ = trained_run
-    for name in ("config.yaml", "model.pt", "metrics.json", "checkpoints/best.ckpt", "checkpoints/last.ckpt"):
+    for name in ("config.yaml", "model.pt", "metrics.json", "checkpoints/last.ckpt"):
         assert (result.run_dir / name).is_file(), name
+    assert not (result.run_dir / "checkpoints" / "best.ckpt").exists()  # the selected model is kept once: model.pt
     metrics = json.loads((result.run_dir / "metrics.json").read_text())
     assert metrics["selected_epoch"] >= 3  # selected among diffusion epochs, on validation
     assert metrics["select_metric"] == "val/acc"
@@ -58,10 +59,13 @@ def test_checkpoint_round_trip_identical_predictions(trained_run, tmp_path):
     pa = a.predict_proba(images, samples=4, generator=torch.Generator().manual_seed(3))
     pb = b.predict_proba(images, samples=4, generator=torch.Generator().manual_seed(3))
     assert torch.equal(pa, pb)
-    # the Lightning checkpoint gives the same model as model.pt
-    c = load_model(result.checkpoint)
+    # the removed best.ckpt of the finished run reads as model.pt
+    c = load_model(result.run_dir / "checkpoints" / "best.ckpt")
     pc = c.predict_proba(images, samples=4, generator=torch.Generator().manual_seed(3))
     assert torch.equal(pa, pc)
+    # the resumable Lightning checkpoint (the last epoch) loads as a model too
+    d = load_model(result.checkpoint)
+    assert d.class_names == a.class_names and d.predict_proba(images[:2]).shape == (2, a.num_classes)
     payload = torch.load(result.model_path, weights_only=True)
     assert payload["config"]["model"]["backbone"] == "test_resnet"
 

@@ -323,7 +323,7 @@ def evaluate_checkpoint(
         CheckpointError, DataError: one line naming the file.
     """
     if model is None:
-        model = load_model(checkpoint)
+        model = load_model(RunDir.resolve_checkpoint(checkpoint))
     run = RunDir.of_checkpoint(checkpoint)
     data_cfg = model_data_config(model, path=data_path, format=data_format,
                                  split_file=run.split_file if run and run.split_file.is_file() else None)

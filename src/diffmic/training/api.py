@@ -28,7 +28,11 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class TrainResult:
-    """Where a finished run put its outputs, and its test metrics."""
+    """Where a finished run put its outputs, and its test metrics.
+
+    ``model_path`` is the selected model; ``checkpoint`` the run's resumable Lightning checkpoint
+    (``last.ckpt``, the last epoch's full training state).
+    """
 
     run_dir: Path
     model_path: Path
@@ -149,10 +153,13 @@ def train(
     """Train DiffMIC, select the checkpoint on the validation split, evaluate on the test split.
 
     Writes into the run directory: ``config.yaml`` (resolved), ``split.json`` (when the layout
-    has no split), ``checkpoints/`` (Lightning ``best.ckpt`` / ``last.ckpt``, written atomically
-    at the end of every epoch), ``model.pt`` (the selected model, EMA weights), ``metrics.json``
-    (val and test, DCG and diffusion) and ``logs/`` (CSV training curves). A killed run is
-    continued with :func:`resume`. ``callbacks`` are extra Lightning callbacks.
+    has no split), ``checkpoints/last.ckpt`` (the resumable Lightning checkpoint, written
+    atomically at the end of every epoch), ``checkpoints/best.ckpt`` (while training: the best
+    validation epoch's weights as a model file, no optimiser state), ``model.pt`` (the selected
+    model, EMA weights), ``metrics.json`` (val and test, DCG and diffusion) and ``logs/`` (CSV
+    training curves). Once ``metrics.json`` is written ``best.ckpt`` is removed: ``model.pt`` is
+    that model (:meth:`diffmic.runs.RunDir.resolve_checkpoint` maps the old path to it). A killed
+    run is continued with :func:`resume`. ``callbacks`` are extra Lightning callbacks.
     """
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
@@ -160,8 +167,8 @@ def train(
     from diffmic.evaluation.report import calibration_comparison, evaluate
     from diffmic.training.checkpointing import (
         AtomicCheckpointIO,
-        lightning_to_model_payload,
         remove_partial_files,
+        selected_model_payload,
     )
     from diffmic.training.datamodule import ArrayDataModule
     from diffmic.training.loggers import build_loggers, progress_callbacks, quiet_lightning
@@ -194,9 +201,11 @@ def train(
     module = DiffMICModule(cfg.to_dict(), model_args)
     dm = ArrayDataModule(data, batch_size=cfg.data.batch_size, eval_batch_size=cfg.data.eval_batch_size,
                          num_workers=cfg.data.num_workers)
+    # The best epoch's weights only (written as a model file by AtomicCheckpointIO): resuming needs
+    # last.ckpt alone, and model.pt is made of these weights.
     ckpt = ModelCheckpoint(
         dirpath=run.checkpoint_dir, filename=run.best_checkpoint.stem, monitor="val/select", mode="max",
-        save_top_k=1, save_last=False, enable_version_counter=False,
+        save_top_k=1, save_last=False, save_weights_only=True, enable_version_counter=False,
     )
     # Every epoch (Lightning's save_last only writes when the best checkpoint improved).
     last = ModelCheckpoint(dirpath=run.checkpoint_dir, filename=run.last_checkpoint.stem, monitor=None, save_top_k=1,
@@ -212,7 +221,7 @@ def train(
         devices=t.devices,
         num_nodes=t.num_nodes,
         strategy=_strategy(t),
-        plugins=[AtomicCheckpointIO()],
+        plugins=[AtomicCheckpointIO(model_files=(run.best_checkpoint,))],
         precision=t.precision,  # type: ignore[arg-type]
         callbacks=callbacks,
         logger=loggers,
@@ -227,12 +236,11 @@ def train(
     trainer.fit(module, datamodule=dm, ckpt_path=_resume_from)
     fit_seconds = time.time() - start
     if trainer.global_rank != 0:
-        return TrainResult(run_dir, run.model_file, Path(ckpt.best_model_path or ""), {})
+        return TrainResult(run_dir, run.model_file, run.last_checkpoint, {})
 
     best = Path(ckpt.best_model_path) if ckpt.best_model_path else Path(last.best_model_path)
-    payload = load_checkpoint_payload(best)
-    model = model_from_payload(lightning_to_model_payload(payload, best), source=best)
-    selected_epoch = int(payload.get("epoch", -1))
+    payload, selected_epoch = selected_model_payload(load_checkpoint_payload(best), best)
+    model = model_from_payload(payload, source=best)
     e = cfg.eval
     fitted = fit_path_temperature(model, data.val, batch_size=cfg.data.eval_batch_size) \
         if e.fit_temperature and model.readout == "mean_path" else None
@@ -262,4 +270,6 @@ def train(
         "calibration_test": calibration,  # diffusion and prior, each temperature-scaled on val
     }
     atomic_write_text(run.metrics_file, json.dumps(metrics, indent=2))
-    return TrainResult(run_dir, model_path, best, metrics)
+    # The run is finished (nothing can resume it any more): keep the selected model once, as model.pt.
+    run.best_checkpoint.unlink(missing_ok=True)
+    return TrainResult(run_dir, model_path, run.last_checkpoint, metrics)

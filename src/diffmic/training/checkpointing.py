@@ -1,5 +1,11 @@
 """Training checkpoints: atomic files, RNG state, resumable CSV logs, and reading a ``.ckpt`` as a model.
 
+A run keeps one resumable Lightning checkpoint (``last.ckpt``: weights, EMA, optimiser states) and
+the best validation epoch's weights as a *model file* (``best.ckpt`` in the format of
+:mod:`diffmic.models.checkpoint`: the weights ``model.pt`` is made of, no optimiser state, no
+second copy of the denoiser); :class:`AtomicCheckpointIO` writes both. For the RetinaMNIST preset
+that is 576 MB + 144 MB instead of 2 × 576 MB.
+
 A checkpoint is written to a temporary file in the same folder, flushed to disk and renamed over
 the target (``os.replace`` is atomic on POSIX), so a run killed at any moment leaves either the
 previous complete checkpoint or the new complete one, never a truncated file. (Lightning's own
@@ -27,7 +33,8 @@ from diffmic.errors import CheckpointError
 from diffmic.models.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION
 
 __all__ = ["AtomicCheckpointIO", "ResumableCSVLogger", "atomic_torch_save", "is_lightning_checkpoint",
-           "lightning_to_model_payload", "remove_partial_files", "rng_state", "set_rng_state"]
+           "lightning_to_model_payload", "remove_partial_files", "rng_state", "selected_model_payload",
+           "set_rng_state"]
 
 # Where DiffMICModule keeps the model and the EMA copy of the denoiser in its state_dict
 # (``DiffMICModule.model`` and ``DiffMICModule.ema.shadow``; tests/training check the names).
@@ -63,6 +70,15 @@ def lightning_to_model_payload(payload: dict[str, Any], source: str | Path = "ch
             "model_args": args, "state_dict": state, "extra": {"epoch": payload.get("epoch")}}
 
 
+def selected_model_payload(payload: dict[str, Any], source: str | Path = "checkpoint") -> tuple[dict[str, Any], int]:
+    """(model-file dict, epoch) of a run's ``best.ckpt`` (a model file) or of a Lightning ``.ckpt``."""
+    if payload.get("format") != CHECKPOINT_FORMAT:
+        payload = lightning_to_model_payload(payload, source)
+    extra = payload.get("extra") if isinstance(payload.get("extra"), dict) else {}
+    epoch = extra.get("epoch")
+    return payload, int(epoch) if isinstance(epoch, int) else -1
+
+
 def remove_partial_files(folder: str | Path) -> list[Path]:
     """Delete temporary checkpoint files left by a killed writer; returns what was removed."""
     folder = Path(folder)
@@ -75,12 +91,25 @@ def remove_partial_files(folder: str | Path) -> list[Path]:
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning checkpoint writer that never leaves a truncated ``.ckpt``."""
+    """Lightning checkpoint writer that never leaves a truncated ``.ckpt``.
+
+    Checkpoints written to one of ``model_files`` (a ``ModelCheckpoint`` with
+    ``save_weights_only=True``) are stored as model files: :func:`lightning_to_model_payload` of
+    the checkpoint (the model's weights, with the EMA denoiser under ``train.ema_eval``; the epoch
+    in ``extra``), i.e. exactly the weights the run's ``model.pt`` is made of.
+    """
+
+    def __init__(self, model_files: tuple[str | Path, ...] = ()) -> None:
+        super().__init__()
+        self._model_files = {Path(p).absolute() for p in model_files}
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
         if storage_options is not None:
             raise TypeError("AtomicCheckpointIO does not take storage_options")
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.absolute() in self._model_files:
+            checkpoint = lightning_to_model_payload(checkpoint, path)
         atomic_torch_save(checkpoint, path)
 
 
