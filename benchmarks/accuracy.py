@@ -270,7 +270,9 @@ def markdown(result: dict[str, Any]) -> str:
             st = per[row]
             cells = [common.fmt_mean_sd(st.get(k)) if (k != "qwk" or ordinal) else "–" for k in METRICS]
             fit = st.get("fit_seconds", {}).get("mean")
-            lines.append(f"| {ds} | {row} | " + " | ".join(cells) + f" | {'–' if fit is None else f'{fit:.0f}'} |")
+            n = st.get("seeds")
+            label = row if n is None or n == len(s["seeds"]) else f"{row} ({n} of {len(s['seeds'])} seeds)"
+            lines.append(f"| {ds} | {label} | " + " | ".join(cells) + f" | {'–' if fit is None else f'{fit:.0f}'} |")
     diff_rows = [r for r in s.get("rows", METHODS) if ROWS.get(r, ("",))[0] == "diffmic"]
     if any(f"{r} [mean_path]" in per for per in result["summary"].values() for r in diff_rows):
         lines += ["", ("Readouts of the same DiffMIC runs (test ACC / macro AUROC) and the per-seed paired "
