@@ -50,7 +50,7 @@ def test_config_prints_resolved_yaml(capsys):
 def test_evaluate_writes_json(tiny_checkpoint, tmp_path, capsys):
     ckpt, data = tiny_checkpoint
     out_file = tmp_path / "report.json"
-    code, out, err = run(["evaluate", "--checkpoint", ckpt, "--data", data, "--out", out_file], capsys)
+    code, _out, err = run(["evaluate", "--checkpoint", ckpt, "--data", data, "--out", out_file], capsys)
     assert code == 0, err
     report = json.loads(out_file.read_text())
     assert report["num_images"] == 156 and report["split"] == "test"

@@ -52,7 +52,7 @@ def safe_load_pickle(path: Path) -> Any:
         return RestrictedUnpickler(io.BytesIO(data), str(path)).load()
     except DataError:
         raise
-    except Exception as exc:  # corrupt pickles raise many types (UnpicklingError, EOFError, ...)
+    except Exception as exc:  # noqa: BLE001 - corrupt pickles raise many types (UnpicklingError, EOFError, ...)
         raise DataError(
             f"{path}: corrupt or unsupported pickle ({type(exc).__name__}: {exc})"
         ) from None
