@@ -162,11 +162,11 @@ def train(
     run is continued with :func:`resume`. ``callbacks`` are extra Lightning callbacks.
     """
     import lightning as L
-    from lightning.pytorch.callbacks import ModelCheckpoint
 
     from diffmic.evaluation.report import calibration_comparison, evaluate
     from diffmic.training.checkpointing import (
         AtomicCheckpointIO,
+        RelocatableModelCheckpoint,
         remove_partial_files,
         selected_model_payload,
     )
@@ -203,13 +203,13 @@ def train(
                          num_workers=cfg.data.num_workers)
     # The best epoch's weights only (written as a model file by AtomicCheckpointIO): resuming needs
     # last.ckpt alone, and model.pt is made of these weights.
-    ckpt = ModelCheckpoint(
+    ckpt = RelocatableModelCheckpoint(
         dirpath=run.checkpoint_dir, filename=run.best_checkpoint.stem, monitor="val/select", mode="max",
         save_top_k=1, save_last=False, save_weights_only=True, enable_version_counter=False,
     )
     # Every epoch (Lightning's save_last only writes when the best checkpoint improved).
-    last = ModelCheckpoint(dirpath=run.checkpoint_dir, filename=run.last_checkpoint.stem, monitor=None, save_top_k=1,
-                           every_n_epochs=1, enable_version_counter=False)
+    last = RelocatableModelCheckpoint(dirpath=run.checkpoint_dir, filename=run.last_checkpoint.stem, monitor=None,
+                                      save_top_k=1, every_n_epochs=1, enable_version_counter=False)
     callbacks = [ckpt, last, *(callbacks or [])]
     progress, progress_bar = progress_callbacks(cfg.train)  # bars in a terminal, a line per epoch otherwise
     callbacks += progress

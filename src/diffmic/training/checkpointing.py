@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 from lightning.fabric.loggers.logger import rank_zero_experiment
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.plugins.io import TorchCheckpointIO
@@ -196,3 +197,41 @@ class ResumableCSVLogger(CSVLogger):
         self._fs.makedirs(self.root_dir, exist_ok=True)
         self._experiment = _AppendingWriter(self.log_dir, self._resume_epoch)
         return self._experiment
+
+
+def _relocate(path: Any, old: Path, new: Path) -> Any:
+    """``path`` under ``old`` -> the same file under ``new`` (other values unchanged)."""
+    if not path:
+        return path
+    try:
+        return str(new / Path(path).relative_to(old))
+    except ValueError:
+        return path
+
+
+class RelocatableModelCheckpoint(ModelCheckpoint):
+    """A ModelCheckpoint whose state survives a moved run folder.
+
+    Lightning restores the best score so far only when the checkpoint folder has the path it had when
+    the state was saved; after a run folder is moved (or copied to another disk) and resumed, model
+    selection would start again at the first resumed epoch and could replace a better best.ckpt with a
+    worse one. Here the saved paths are rewritten to the new folder first, then restored as usual.
+    """
+
+    def _generate_state_key(self, **kwargs: Any) -> str:
+        # ModelCheckpoint's own key: checkpoints written before this class existed resume with it.
+        return f"ModelCheckpoint{kwargs!r}"
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        old, new = state_dict.get("dirpath"), self.dirpath
+        if old is not None and new is not None and Path(old) != Path(new):
+            o, n = Path(old), Path(new)
+            state_dict = {
+                **state_dict,
+                "dirpath": new,
+                "best_model_path": _relocate(state_dict.get("best_model_path"), o, n),
+                "kth_best_model_path": _relocate(state_dict.get("kth_best_model_path"), o, n),
+                "last_model_path": _relocate(state_dict.get("last_model_path"), o, n),
+                "best_k_models": {_relocate(k, o, n): v for k, v in (state_dict.get("best_k_models") or {}).items()},
+            }
+        super().load_state_dict(state_dict)
