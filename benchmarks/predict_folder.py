@@ -7,7 +7,7 @@ smaller) into a temporary folder, then times, as medians over ``--repeats``:
   :func:`diffmic.cli.main` (model loading, listing, decoding, prediction, CSV) — the end-to-end figure;
 * ``cli_process`` (unless ``--no-process``): the same command as a new ``python -m diffmic`` process,
   which adds the interpreter start and the imports;
-* ``pipeline``: the same steps through the API the command runs (:func:`diffmic.cli.predict_files`),
+* ``pipeline``: the same steps through the API the command runs (:func:`diffmic.prediction.predict_files`),
   each phase timed: load the model, decode the files, predict, write the CSV;
 * ``model_only``: :meth:`DiffMIC.predict_details` on the same images already in memory (a uint8
   tensor): no files, no decoding;
@@ -160,9 +160,8 @@ def run(args: argparse.Namespace, work: Path, threads: int) -> dict[str, Any]:
 
     from diffmic import load_model
     from diffmic.cli import main as cli_main
-    from diffmic.cli import predict_files
-    from diffmic.evaluation.report import predictions_csv
     from diffmic.images import load_image
+    from diffmic.prediction import predict_files, predictions_csv
 
     source = np.load(args.data)[f"{args.split}_images"]
     tic = time.perf_counter()
@@ -223,7 +222,7 @@ def run(args: argparse.Namespace, work: Path, threads: int) -> dict[str, Any]:
     cases: dict[str, Any] = {
         "cli": rate(n, cli_seconds) | {"what": "diffmic predict FOLDER --out CSV, in process (load, list, "
                                               "decode, predict, CSV)"},
-        "pipeline": rate(n, pipeline_total) | {"what": "the same steps through diffmic.cli.predict_files"},
+        "pipeline": rate(n, pipeline_total) | {"what": "the same steps through diffmic.prediction.predict_files"},
         "pipeline_without_model_load": rate(n, without_load) | {"what": "decode + predict + CSV"},
         "model_only": rate(n, model_seconds) | {"what": "DiffMIC.predict_details on the decoded images, "
                                                         "a uint8 tensor in memory"},

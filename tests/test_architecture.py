@@ -39,6 +39,7 @@ ALLOWED: dict[str, set[str]] = {
     "runs": BASE | {"config", "data", "models"},
     "evaluation": BASE | {"config", "data", "diffusion", "models", "runs"},
     "export": BASE | {"diffusion", "models", "images"},
+    "prediction": BASE | {"images", "models"},  # predict/explain on files: no evaluation (torchmetrics)
     "training": BASE | {"config", "data", "diffusion", "evaluation", "models", "runs"},
     "app": BASE | {"__init__", "images", "models", "evaluation"},
 }
@@ -172,9 +173,10 @@ def test_checker_detects_violations_and_cycles():
 
 
 # ------------------------------------------------------------- third-party weight, measured
-def loaded_after(code: str) -> set[str]:
-    script = f"{code}\nimport sys, json\nprint(json.dumps(sorted(sys.modules)))"
-    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False)
+def loaded_after(code: str, cwd: Path | None = None) -> set[str]:
+    script = f"import sys\nsys.path.insert(0, '')\n{code}\nimport sys, json\nprint(json.dumps(sorted(sys.modules)))"
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False,
+                         cwd=cwd)
     assert res.returncode == 0, res.stderr
     return set(json.loads(res.stdout.strip().splitlines()[-1]))
 
@@ -206,6 +208,33 @@ def test_diffusion_imports_neither_timm_nor_lightning(after_diffusion):
     assert "torch" in after_diffusion
     for name in ("timm", "lightning", "pytorch_lightning", "matplotlib", "torchmetrics", "sklearn"):
         assert name not in after_diffusion, name
+
+
+@pytest.mark.subprocess
+def test_diffmic_predict_loads_no_evaluation_stack(tmp_path):
+    """A ``diffmic predict`` process imports torch and the model, not torchmetrics, matplotlib or scipy
+    (they cost seconds per process start; ``evaluate`` and ``report`` still use them)."""
+    import numpy as np
+    from PIL import Image
+
+    Image.fromarray(np.full((28, 28), 128, np.uint8)).save(tmp_path / "a.png")
+    code = f"""
+import torch
+from conftest import TINY_OVERRIDES
+from diffmic.config import DiffMICConfig
+from diffmic.models.factory import build_model
+from diffmic.models.checkpoint import save_model
+cfg = DiffMICConfig.from_yaml(None, ["data.path=x.npz", *TINY_OVERRIDES])
+save_model(build_model(cfg, num_classes=2, in_chans=1, image_size=28, class_names=["a", "b"]), {str(tmp_path / "m.pt")!r})
+from diffmic.cli import main
+assert main(["predict", "--checkpoint", {str(tmp_path / "m.pt")!r}, {str(tmp_path / "a.png")!r},
+             "--out", {str(tmp_path / "p.csv")!r}]) == 0
+"""
+    loaded = top_level(loaded_after(code, cwd=Path(__file__).parent))
+    assert (tmp_path / "p.csv").read_text().count("\n") == 2  # header and one prediction: it ran
+    assert {"torch", "diffmic", "PIL"} <= loaded
+    for name in ("torchmetrics", "matplotlib", "scipy", "lightning", "pytorch_lightning", "sklearn"):
+        assert name not in loaded, name
 
 
 @pytest.mark.subprocess

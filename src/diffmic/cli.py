@@ -15,7 +15,7 @@ from typing import NoReturn
 
 from diffmic._io import atomic_write, atomic_write_text, check_output_file, prepare_output_dir
 from diffmic._version import __version__
-from diffmic.errors import ConfigError, DataError, DiffMICError
+from diffmic.errors import ConfigError, DiffMICError
 
 DEFAULT_DATA = Path("..") / "shared" / "data" / "retinamnist.npz"  # relative to the working folder
 
@@ -266,73 +266,11 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _expand_images(items: list[Path], recursive: bool) -> tuple[list[Path], list[str]]:
-    """Image arguments with each folder replaced by its images (sorted), and one note per folder:
-    its image count and the entries left out (printed to stderr once the images are read, so a
-    CSV on stdout stays clean and an error stays one line)."""
-    from diffmic.images import IMAGE_EXTENSIONS, list_image_files
-
-    out: list[Path] = []
-    notes: list[str] = []
-    for item in items:
-        if not item.is_dir():
-            out.append(item)
-            continue
-        found, others = list_image_files(item, recursive=recursive)
-        subfolders = [p for p in others if p.is_dir()]
-        if not found:
-            hint = "; use --recursive to search its sub-folders" if subfolders else ""
-            raise DataError(f"{item}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in this folder{hint}")
-        note = f"diffmic: {item}: {len(found)} image(s)"
-        if others:
-            names = ", ".join(p.name + ("/" if p.is_dir() else "") for p in others[:5])
-            more = f", ... ({len(others) - 5} more)" if len(others) > 5 else ""
-            why = " (sub-folders need --recursive)" if subfolders else ""
-            note += f"; not used: {len(others)} other entr{'y' if len(others) == 1 else 'ies'}{why}: {names}{more}"
-        notes.append(note)
-        out += found
-    return out, notes
-
-
-def _load_images(paths: list[Path], spec) -> list:
-    """Each file as the uint8 array a dataset reader stores (:func:`diffmic.images.load_image`)."""
-    from diffmic.images import load_image
-
-    return [load_image(p, spec) for p in paths]
-
-
-def predict_files(model, paths: Sequence[str | Path], *, samples: int = 1, seed: int = 0, batch_size: int = 256,
-                  on_loaded=None) -> dict:
-    """What ``diffmic predict`` computes for image files: :meth:`DiffMIC.predict_details` of their images.
-
-    Each file is decoded once (:func:`diffmic.images.load_image`: the uint8 array a dataset reader
-    stores); the images are then predicted together, ``batch_size`` per model call, with one
-    generator seeded by ``seed``. ``on_loaded()`` is called once every file is decoded. Errors
-    name the file.
-    """
-    import numpy as np
-    import torch
-
-    paths = [Path(p) for p in paths]
-    images = np.stack(_load_images(paths, model.image_spec)) if paths else None  # all (size, size, channels)
-    if on_loaded is not None:
-        on_loaded()
-    if images is None:
-        raise DataError("no images given")
-    gen = torch.Generator().manual_seed(seed)
-    try:
-        return model.predict_details(images, samples=samples, generator=gen, batch_size=batch_size)
-    except DiffMICError:
-        for path, im in zip(paths, images, strict=True):  # which image the model cannot take
-            _named(path, model.predict_details, im, samples=1, generator=torch.Generator().manual_seed(seed))
-        raise
-
-
 def _cmd_predict(args: argparse.Namespace) -> int:
     from diffmic import load_model
-    from diffmic.evaluation.report import predictions_csv
+    from diffmic.prediction import expand_images, predict_files, predictions_csv
 
-    paths, notes = _expand_images(args.images, args.recursive)
+    paths, notes = expand_images(args.images, args.recursive)
     if args.out:
         check_output_file(args.out, ConfigError, [*paths, args.checkpoint])
     model = load_model(args.checkpoint)
@@ -353,20 +291,13 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def _named(path: Path, fn, *args, **kwargs):
-    """``fn(*args, **kwargs)``; an image the model cannot take (NaN pixels, unconvertible channels) names its file."""
-    try:
-        return fn(*args, **kwargs)
-    except DiffMICError as exc:
-        raise DataError(f"{path}: {exc}") from None
-
-
 def _cmd_explain(args: argparse.Namespace) -> int:
     import torch
 
     from diffmic import load_model
+    from diffmic.prediction import expand_images, load_images, named
 
-    paths, notes = _expand_images(args.images, args.recursive)
+    paths, notes = expand_images(args.images, args.recursive)
     targets = [args.out / f"{path.stem}_explain.png" for path in paths]
     seen: dict[Path, Path] = {}
     for path, target in zip(paths, targets, strict=True):
@@ -378,14 +309,14 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     for target in targets:
         check_output_file(target, ConfigError, [*paths, args.checkpoint])
     model = load_model(args.checkpoint)
-    images = _load_images(paths, model.image_spec)  # fail on a bad file before writing anything
+    images = load_images(paths, model.image_spec)  # fail on a bad file before writing anything
     for note in notes:
         print(note, file=sys.stderr)
     from diffmic.evaluation.plots import plot_explanation
 
     gen = torch.Generator().manual_seed(args.seed)
     for path, im, target in zip(paths, images, targets, strict=True):
-        explanation = _named(path, model.explain, im, samples=args.samples, generator=gen)
+        explanation = named(path, model.explain, im, samples=args.samples, generator=gen)
         # drawn as the model saw it (cropped, resized): the boxes and saliency are in those pixels
         fig = plot_explanation(im, explanation, model.class_names)
         atomic_write(target, lambda f, fig=fig: fig.savefig(f, format="png"))

@@ -9,11 +9,11 @@ import torch
 from conftest import TINY_OVERRIDES, shared_file
 from PIL import Image
 
-from diffmic.cli import main, predict_files
+from diffmic.cli import main
 from diffmic.config import DiffMICConfig
-from diffmic.evaluation.report import predictions_csv
 from diffmic.images import load_image
 from diffmic.models import build_model, save_model
+from diffmic.prediction import predict_files, predictions_csv
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

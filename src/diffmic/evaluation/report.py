@@ -6,8 +6,6 @@ also find the data (the run's own split) and keep the predictions for figures.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -389,26 +387,3 @@ def evaluate_run(
     return RunEvaluation(run, model, extra, cfg, data, settings,
                          Evaluation(val_rep, val_probs, val_priors, val_labels),
                          Evaluation(test_rep, test_probs, test_priors, test_labels))
-
-
-def predictions_csv(paths: list[str], details: list[dict[str, Tensor]], class_names: list[str]) -> str:
-    """The CSV of ``diffmic predict``: one row per image from :meth:`DiffMIC.predict_details` outputs.
-
-    Columns: ``path``, ``prediction`` (class name), ``p_<class>``, ``entropy``, ``vote_<class>``,
-    ``low_<class>``, ``high_<class>``.
-    """
-    cols = {k: torch.cat([d[k] for d in details]).tolist()
-            for k in ("probs", "entropy", "votes", "interval_low", "interval_high")}
-    names = class_names
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(["path", "prediction", *[f"p_{c}" for c in names], "entropy", *[f"vote_{c}" for c in names],
-                *[f"low_{c}" for c in names], *[f"high_{c}" for c in names]])
-    for i, path in enumerate(paths):
-        p = cols["probs"][i]
-        w.writerow([
-            str(path), names[max(range(len(p)), key=p.__getitem__)], *[f"{v:.6f}" for v in p],
-            f"{cols['entropy'][i]:.6f}", *[f"{v:.6f}" for v in cols["votes"][i]],
-            *[f"{v:.6f}" for v in cols["interval_low"][i]], *[f"{v:.6f}" for v in cols["interval_high"][i]],
-        ])
-    return buf.getvalue()
