@@ -351,7 +351,10 @@ def main(argv: list[str] | None = None) -> int:
     threads = common.set_threads(args.threads)
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
+    from diffmic.cli import quiet_library_warnings
     from diffmic.config import DiffMICConfig
+
+    quiet_library_warnings()  # e.g. Lightning's LeafSpec deprecation, once per run otherwise
     from diffmic.data.medmnist import read_medmnist
 
     started = time.perf_counter()

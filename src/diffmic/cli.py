@@ -411,6 +411,15 @@ def _configure_logging() -> None:
         log.addHandler(handler)
 
 
+def quiet_library_warnings() -> None:
+    """Hide the libraries' warnings that no user can act on (the CLI without ``--debug``; benchmarks)."""
+    warnings.filterwarnings("ignore", category=UserWarning, module="lightning")
+    # deprecations inside the libraries (e.g. Lightning's use of torch's LeafSpec): nothing a user can act on
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(lightning|torch|timm|torchmetrics)\b")
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit code (0 ok, 1 error, 2 usage error, 130 interrupted)."""
     parser = _parser()
@@ -425,11 +434,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     _configure_logging()
     if not args.debug:
-        warnings.filterwarnings("ignore", category=UserWarning, module="lightning")
-        # deprecations inside the libraries (e.g. Lightning's use of torch's LeafSpec): nothing a user can act on
-        warnings.filterwarnings("ignore", category=FutureWarning, module=r"(lightning|torch|timm|torchmetrics)\b")
-        warnings.filterwarnings("ignore", category=DeprecationWarning)
-        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        quiet_library_warnings()
     try:
         return COMMANDS[args.command](args)
     except DiffMICError as exc:
