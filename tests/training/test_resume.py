@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -91,9 +92,48 @@ def runs(small_npz, tmp_path_factory):
         "epoch_after_kill": torch.load(killed / "checkpoints" / "last.ckpt", weights_only=True)["epoch"],
         "metrics_after_kill": (killed / "metrics.json").exists(),
     }
+    shutil.copytree(killed, base / "elsewhere" / "moved")  # the same crashed run, in another folder
     resumed = subprocess.run([sys.executable, "-m", "diffmic", "train", "--resume", str(killed)],
                              check=False, capture_output=True, text=True, timeout=600, env=_env())
     return reference, killed, state, resumed
+
+
+def _selection_callback(payload: dict) -> dict:
+    (state,) = [v for k, v in payload["callbacks"].items() if "val/select" in k]
+    return state
+
+
+@pytest.mark.train
+@pytest.mark.subprocess
+def test_moved_run_folder_resumes_with_its_selection_state(runs):
+    """A crashed run moved to another folder keeps its best validation score so far when resumed.
+
+    The moved copy's stored best score is raised to 2.0 (no metric reaches it), so the resumed
+    epochs must not replace the selected checkpoint: the run ends on the epoch selected before the
+    crash. Lightning's own ModelCheckpoint drops the score when the folder changed and would select
+    a resumed epoch.
+    """
+    _, killed, _, _ = runs
+    moved = killed.parent / "elsewhere" / "moved"
+    last = moved / "checkpoints" / "last.ckpt"
+    payload = torch.load(last, weights_only=False)
+    state = _selection_callback(payload)
+    assert Path(state["dirpath"]) == killed / "checkpoints"  # recorded where the run was
+    state["best_model_score"] = torch.tensor(2.0)
+    state["kth_value"] = torch.tensor(2.0)
+    state["best_k_models"] = {k: torch.tensor(2.0) for k in state["best_k_models"]}
+    torch.save(payload, last)
+    before = torch.load(moved / "checkpoints" / "best.ckpt", weights_only=True)["extra"]["epoch"]
+    assert before < 2  # selected before the crash in epoch 2
+
+    resumed = subprocess.run([sys.executable, "-m", "diffmic", "train", "--resume", str(moved)],
+                             check=False, capture_output=True, text=True, timeout=600, env=_env())
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    metrics = json.loads((moved / "metrics.json").read_text())
+    assert metrics["selected_epoch"] == before
+    final = _selection_callback(torch.load(moved / "checkpoints" / "last.ckpt", weights_only=False))
+    assert float(final["best_model_score"]) == 2.0
+    assert Path(final["dirpath"]) == moved / "checkpoints"
 
 
 @pytest.mark.train
