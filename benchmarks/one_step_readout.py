@@ -1,0 +1,116 @@
+"""Readouts of trained models side by side, with one-step (Tweedie) readouts: a diagnosis, not a benchmark.
+
+For each ``model.pt`` and split (the model's own data set), ACC and macro AUROC of:
+
+* ``prior``: the DCG prior;
+* ``mean_path``: the shipped deterministic DDIM path from the prior (``eval.sampling_steps`` steps);
+* ``chains_mean_y0``: softmax of the mean y_0 over ``--chains`` stochastic chains (fixed seed);
+* ``one_step_<t>``: one denoiser call at y_t = ŷ (zero residual) and timestep t, read out as the
+  y_0 estimate (y_t − √(1 − ᾱ_t)·ε̂) / √ᾱ_t + … of :meth:`CardSchedule.predict_y0`. For an ideal
+  denoiser at t = T − 1 this is the class posterior E[y_0 | x] (Tweedie), but errors of ε̂ are
+  multiplied by √((1 − ᾱ_t)/ᾱ_t) (about 156 at t = 999 on the linear schedule); smaller t trade
+  that amplification for a bias towards the prior's class.
+
+All probabilities are softmax(y_0 / ``--temperature``); AUROC of a binary task does not depend on it.
+Read the test columns as a diagnosis only: choose anything on the val columns.
+
+    python benchmarks/one_step_readout.py runs/breastmnist/model.pt --out one-step.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as common
+
+DEFAULT_TIMESTEPS = (999, 800, 600, 400, 200, 100, 50)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("models", nargs="+", type=Path, help="model.pt files of trained runs")
+    p.add_argument("--splits", nargs="+", default=["val", "test"], choices=("train", "val", "test"))
+    p.add_argument("--timesteps", nargs="+", type=int, default=list(DEFAULT_TIMESTEPS),
+                   help="t of the one-step readouts (0-based, < diffusion.timesteps)")
+    p.add_argument("--chains", type=int, default=32, help="stochastic chains of chains_mean_y0")
+    p.add_argument("--temperature", type=float, default=0.1)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", type=Path, help="JSON file to write")
+    return p.parse_args(argv)
+
+
+def readouts(model, images, labels, *, timesteps, chains: int, temperature: float) -> dict[str, dict[str, float]]:
+    import torch
+
+    from diffmic.evaluation.metrics import classification_metrics
+
+    def score(probs: torch.Tensor) -> dict[str, float]:
+        m = classification_metrics(probs, labels, num_classes=model.num_classes)
+        return {"acc": round(m["acc"], 4), "auroc": round(m["auroc"], 4)}
+
+    def y0_score(y0: torch.Tensor) -> dict[str, float]:
+        return score((y0 / temperature).softmax(1))
+
+    with torch.no_grad():
+        x = model.normalize(images)
+        guide = model.guidance(x)
+        prior = guide.logits.softmax(dim=1)
+        feats = model.encode(x, guide)
+        out = {"prior": score(prior), "mean_path": y0_score(model.mean_path(feats, prior))}
+        gen = torch.Generator().manual_seed(0)
+        out["chains_mean_y0"] = y0_score(model.sample_y0(feats, prior, samples=chains, generator=gen).mean(0))
+        for t in timesteps:
+            tv = torch.full((prior.shape[0],), t, dtype=torch.long)
+            eps = model.denoiser.denoise(feats, prior, prior, tv)
+            out[f"one_step_{t}"] = y0_score(model.schedule.predict_y0(prior, prior, tv, eps))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    common.set_threads(args.threads)
+    import torch
+
+    from diffmic.data.registry import build_data
+    from diffmic.errors import DiffMICError
+    from diffmic.models.checkpoint import load_model
+    from diffmic.runs import model_data_config
+
+    result = {"info": common.run_info("benchmarks/one_step_readout.py", argv), "models": {}}
+    for path in args.models:
+        try:
+            model = load_model(path).eval()
+            bad = [t for t in args.timesteps if not 0 <= t < model.schedule.num_timesteps]
+            if bad:
+                raise DiffMICError(f"--timesteps {bad}: must be in [0, {model.schedule.num_timesteps - 1}]")
+            data = build_data(model_data_config(model))
+        except DiffMICError as exc:
+            print(f"one_step_readout: error: {exc}", file=sys.stderr)
+            return 1
+        per_split = {}
+        for split in args.splits:
+            d = getattr(data, split)
+            images = torch.from_numpy(d.images).permute(0, 3, 1, 2).float() / 255.0
+            per_split[split] = readouts(model, images, torch.from_numpy(d.labels).long(), timesteps=args.timesteps,
+                                        chains=args.chains, temperature=args.temperature)
+        result["models"][str(path)] = per_split
+        cols = list(next(iter(per_split.values())))
+        print(f"{path}")
+        print("  split  " + "  ".join(f"{c:>16}" for c in cols))
+        for split, r in per_split.items():
+            print(f"  {split:<5}  " + "  ".join(f"{r[c]['acc']:.3f} / {r[c]['auroc']:.3f}".rjust(16) for c in cols))
+    if args.out:
+        common.write_json(args.out, result)
+        print(f"written to {args.out}")
+    else:
+        print(json.dumps(result["models"], indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
