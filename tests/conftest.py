@@ -24,6 +24,40 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+# A model small enough that a benchmark script's smoke test trains in seconds (no small-input stem).
+TINY_BENCHMARK_MODEL = """
+model: {backbone: test_resnet, denoiser_backbone: test_resnet, small_input: false, feature_dim: 16,
+        num_crops: 2, mil_hidden: 8}
+diffusion: {timesteps: 50, sampling_steps: 2}
+"""
+
+
+def load_benchmark(name: str):
+    """``benchmarks/<name>.py`` as a module (the scripts are not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"diffmic_benchmarks_{name}", ROOT / "benchmarks" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def synthetic_medmnist(path: Path, sizes: dict[str, int], num_classes: int, *, seed: int = 0) -> Path:
+    """A MedMNIST-format ``.npz`` of 28x28 grey images whose brightness gives the class (learnable)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for split, n in sizes.items():
+        labels = np.arange(n) % num_classes
+        arrays[f"{split}_images"] = (rng.integers(0, 80, (n, 28, 28)) + 80 * labels[:, None, None]).astype(np.uint8)
+        arrays[f"{split}_labels"] = labels[:, None].astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, **arrays)
+    return path
+
+
 def shared_file(name: str) -> Path:
     path = SHARED_DATA / name
     if not path.is_file():

@@ -2,49 +2,28 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
-from types import ModuleType
 
-import numpy as np
 import pytest
+from conftest import TINY_BENCHMARK_MODEL, load_benchmark, synthetic_medmnist
 
 pytestmark = pytest.mark.train
 
-REPO = Path(__file__).resolve().parents[2]
-TINY_CONFIG = """
+TINY_CONFIG = TINY_BENCHMARK_MODEL + """
 data: {batch_size: 20, eval_batch_size: 64}
-model: {backbone: test_resnet, denoiser_backbone: test_resnet, small_input: false, feature_dim: 16,
-        num_crops: 2, mil_hidden: 8}
-diffusion: {timesteps: 50, sampling_steps: 2}
 train: {dcg_pretrain_epochs: 1, epochs: 1, warmup_epochs: 1.0, progress: false}
 eval: {samples: 2, readout: mean_path, fit_temperature: true}
 """
 
 
-def _accuracy() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("diffmic_benchmarks_accuracy_diag", REPO / "benchmarks" / "accuracy.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_train_split_and_calibration_rows(tmp_path: Path, one_thread: None) -> None:
-    rng = np.random.default_rng(0)
-    (tmp_path / "data").mkdir()
-    arrays = {}
-    for split, n in (("train", 30), ("val", 16), ("test", 16)):
-        labels = np.arange(n) % 2
-        arrays[f"{split}_images"] = (rng.integers(0, 80, (n, 28, 28)) + 80 * labels[:, None, None]).astype(np.uint8)
-        arrays[f"{split}_labels"] = labels[:, None].astype(np.uint8)
-    np.savez(tmp_path / "data" / "breastmnist.npz", **arrays)
+    synthetic_medmnist(tmp_path / "data" / "breastmnist.npz", {"train": 30, "val": 16, "test": 16}, 2)
     (tmp_path / "tiny.yaml").write_text(TINY_CONFIG)
     docs = tmp_path / "benchmarks.md"
     docs.write_text("# Benchmarks\n")
     out = tmp_path / "acc.json"
-    accuracy = _accuracy()
+    accuracy = load_benchmark("accuracy")
     rc = accuracy.main(["--data-dir", str(tmp_path / "data"), "--config", str(tmp_path / "tiny.yaml"),
                         "--seeds", "0", "--epochs", "2", "--rows", "diffmic", "--train-split", "--threads", "1",
                         "--out", str(out), "--docs", str(docs)])

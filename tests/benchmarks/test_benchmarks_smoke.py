@@ -5,36 +5,21 @@ They check the plumbing (runs complete, JSON structure, markdown sections), neve
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
-from types import ModuleType
 
-import numpy as np
 import pytest
 import torch
+from conftest import TINY_BENCHMARK_MODEL, load_benchmark, synthetic_medmnist
 
 pytestmark = pytest.mark.train
 
-REPO = Path(__file__).resolve().parents[2]
 
-TINY_CONFIG = """
+TINY_CONFIG = TINY_BENCHMARK_MODEL + """
 data: {batch_size: 20, eval_batch_size: 64}
-model: {backbone: test_resnet, denoiser_backbone: test_resnet, small_input: false, feature_dim: 16,
-        num_crops: 2, mil_hidden: 8}
-diffusion: {timesteps: 50, sampling_steps: 2}
 train: {dcg_pretrain_epochs: 1, epochs: 3, warmup_epochs: 1.0, progress: false}
 eval: {samples: 1}
 """
-
-
-def _load(name: str) -> ModuleType:
-    path = REPO / "benchmarks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"diffmic_benchmarks_{name}", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture
@@ -47,16 +32,8 @@ def keep_threads():
 @pytest.fixture
 def tiny(tmp_path: Path) -> dict[str, Path]:
     """A synthetic 28x28 MedMNIST-format file (named like an ordinal dataset) and a tiny config."""
-    rng = np.random.default_rng(0)
     data_dir = tmp_path / "data"
-    data_dir.mkdir()
-    arrays = {}
-    for split, n in (("train", 40), ("val", 16), ("test", 16)):
-        labels = np.arange(n) % 3
-        images = rng.integers(0, 80, (n, 28, 28)) + 80 * labels[:, None, None]
-        arrays[f"{split}_images"] = images.astype(np.uint8)
-        arrays[f"{split}_labels"] = labels[:, None].astype(np.uint8)
-    np.savez(data_dir / "retinamnist.npz", **arrays)
+    synthetic_medmnist(data_dir / "retinamnist.npz", {"train": 40, "val": 16, "test": 16}, 3)
     config = tmp_path / "tiny.yaml"
     config.write_text(TINY_CONFIG)
     docs = tmp_path / "docs" / "benchmarks.md"
@@ -66,7 +43,7 @@ def tiny(tmp_path: Path) -> dict[str, Path]:
 
 
 def test_accuracy_and_speed_smoke(tiny: dict[str, Path], keep_threads: None) -> None:
-    accuracy, speed = _load("accuracy"), _load("speed")
+    accuracy, speed = load_benchmark("accuracy"), load_benchmark("speed")
     out = tiny["tmp"] / "accuracy.json"
     rc = accuracy.main([
         "--data-dir", str(tiny["data"]), "--config", str(tiny["config"]), "--seeds", "0", "--epochs", "1",
@@ -147,7 +124,7 @@ def test_accuracy_and_speed_smoke(tiny: dict[str, Path], keep_threads: None) -> 
 
 
 def test_speed_skips_1000_steps_at_224_without_full() -> None:
-    speed = _load("speed")
+    speed = load_benchmark("speed")
     args = speed.parse_args(["--sizes", "28", "224", "--no-train"])
     cases, skipped = speed.plan(args, 10, 1000, "resnet18")
     assert [(c["size"], c["steps"]) for c in skipped] == [(224, 1000)]
@@ -160,7 +137,7 @@ def test_speed_skips_1000_steps_at_224_without_full() -> None:
 
 
 def test_accuracy_budget_split() -> None:
-    accuracy = _load("accuracy")
+    accuracy = load_benchmark("accuracy")
     assert accuracy.split_budget(15, 85, 100) == (15, 85)
     assert accuracy.split_budget(15, 85, 3) == (1, 2)
     assert accuracy.split_budget(15, 85, 1) == (0, 1)
@@ -169,7 +146,7 @@ def test_accuracy_budget_split() -> None:
 
 def test_speed_quick_smoke(tmp_path: Path, keep_threads: None) -> None:
     """--quick on the shipped presets with a tiny backbone: JSON marks the preset cases, docs get a section."""
-    speed = _load("speed")
+    speed = load_benchmark("speed")
     out, docs = tmp_path / "quick.json", tmp_path / "benchmarks.md"
     docs.write_text("# Benchmarks\n\nHand-written intro that must survive.\n")
     rc = speed.main([
@@ -206,7 +183,7 @@ def test_speed_quick_smoke(tmp_path: Path, keep_threads: None) -> None:
 
 def test_speed_quick_plan() -> None:
     """The default --quick plan: the presets, a ResNet-18 reference, 16 and 100 chains, two marked cases per size."""
-    speed = _load("speed")
+    speed = load_benchmark("speed")
     cases = speed.plan_quick(speed.parse_args(["--quick"]))
     for size, backbone in ((28, "resnet18"), (224, "resnet50")):
         rows = [c for c in cases if c["size"] == size]
@@ -219,7 +196,7 @@ def test_speed_quick_plan() -> None:
 
 
 def test_profile_modules_smoke(tmp_path: Path, keep_threads: None) -> None:
-    prof = _load("profile_modules")
+    prof = load_benchmark("profile_modules")
     out, md = tmp_path / "prof.json", tmp_path / "prof.md"
     rc = prof.main(["--sizes", "28", "--backbone", "test_resnet", "--set", "model.feature_dim=16", "--set",
                     "diffusion.sampling_steps=2", "--batch", "2", "--samples", "1", "3", "--repeats", "1",

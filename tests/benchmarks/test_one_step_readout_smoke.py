@@ -2,23 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_OVERRIDES, shared_file
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("diffmic_benchmarks_one_step", REPO / "benchmarks" / "one_step_readout.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from conftest import TINY_OVERRIDES, load_benchmark, shared_file
 
 
 @pytest.mark.usefixtures("one_thread")
@@ -33,7 +22,7 @@ def test_untrained_skip_denoiser_reads_out_the_prior(tmp_path: Path) -> None:
     ckpt = tmp_path / "model.pt"
     save_model(model, ckpt)
     out = tmp_path / "r.json"
-    assert _load().main([str(ckpt), "--splits", "val", "--timesteps", "99", "50", "0", "--chains", "2",
+    assert load_benchmark("one_step_readout").main([str(ckpt), "--splits", "val", "--timesteps", "99", "50", "0", "--chains", "2",
                          "--out", str(out)]) == 0
     (per_split,) = json.loads(out.read_text())["models"].values()
     r = per_split["val"]
@@ -45,5 +34,5 @@ def test_untrained_skip_denoiser_reads_out_the_prior(tmp_path: Path) -> None:
 
 def test_bad_timestep_is_one_line(tmp_path: Path, tiny_checkpoint, capsys) -> None:
     ckpt, _ = tiny_checkpoint
-    assert _load().main([str(ckpt), "--timesteps", "100"]) == 1  # the tiny schedule has 100 steps
+    assert load_benchmark("one_step_readout").main([str(ckpt), "--timesteps", "100"]) == 1  # the tiny schedule has 100 steps
     assert "--timesteps [100]" in capsys.readouterr().err

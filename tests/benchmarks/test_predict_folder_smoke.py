@@ -2,29 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import numpy as np
 import torch
-
-REPO = Path(__file__).resolve().parents[2]
-
-TINY_CONFIG = """
-model: {backbone: test_resnet, denoiser_backbone: test_resnet, small_input: false, feature_dim: 16,
-        num_crops: 2, mil_hidden: 8}
-diffusion: {timesteps: 50, sampling_steps: 2}
-"""
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("diffmic_benchmarks_predict_folder",
-                                                  REPO / "benchmarks" / "predict_folder.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from conftest import TINY_BENCHMARK_MODEL, load_benchmark
 
 
 def test_predict_folder_smoke(tmp_path: Path) -> None:
@@ -37,13 +20,13 @@ def test_predict_folder_smoke(tmp_path: Path) -> None:
     data = tmp_path / "retinamnist.npz"
     np.savez(data, **arrays)
     config = tmp_path / "tiny.yaml"
-    config.write_text(TINY_CONFIG)
+    config.write_text(TINY_BENCHMARK_MODEL)
     docs = tmp_path / "benchmarks.md"
     docs.write_text("# Benchmarks\n\nIntro that must survive.\n")
     out = tmp_path / "result.json"
     threads = torch.get_num_threads()
     try:
-        rc = _load().main(["--config", str(config), "--data", str(data), "--images", "20", "--repeats", "1",
+        rc = load_benchmark("predict_folder").main(["--config", str(config), "--data", str(data), "--images", "20", "--repeats", "1",
                            "--batch-size", "8", "--per-image", "--no-process", "--threads", "1", "--workdir", str(tmp_path / "w"),
                            "--out", str(out), "--docs", str(docs)])
     finally:
