@@ -112,6 +112,10 @@ class TrainConfig:
     # dcg_pretrain_epochs) and feeds the denoiser out-of-fold priors; 0 = in-sample priors.
     crossfit_folds: int = 0
     joint_train: bool = True  # one DCG cross-entropy step after every diffusion step
+    # The denoiser's own image encoder when the joint phase starts: random (its initialisation) |
+    # dcg (a copy of the pre-trained DCG's global backbone; the from-scratch stand-in for the
+    # original's ImageNet weights). Needs model.denoiser_backbone == model.backbone.
+    denoiser_encoder_init: str = "random"
     aux_loss: str = "fused"  # fused (original) | all (fused + global + local CE)
     mmd_weight: float = 0.5
     noise_draws: int = 1  # (t, ε) draws per image per step; >1 reuses the features (cheap variance cut)
@@ -215,6 +219,14 @@ class DiffMICConfig:
         _choice("train.logger", t.logger, ("csv", "tensorboard"))
         _choice("eval.readout", e.readout, ("mean_path", "vote", "mean_softmax"))
         _choice("model.roi_saliency", m.roi_saliency, ("class_sum", "top_class", "prior_weighted"))
+        _choice("train.denoiser_encoder_init", t.denoiser_encoder_init, ("random", "dcg"))
+        if t.denoiser_encoder_init == "dcg":
+            if m.share_encoder:
+                raise ConfigError("train.denoiser_encoder_init=dcg needs the denoiser's own encoder; "
+                                  "model.share_encoder=true already uses the DCG's features")
+            if m.denoiser_backbone != m.backbone:
+                raise ConfigError(f"train.denoiser_encoder_init=dcg copies the DCG backbone: model.denoiser_backbone "
+                                  f"({m.denoiser_backbone}) must equal model.backbone ({m.backbone})")
         if not 0.0 <= m.denoiser_dropout < 1.0:
             raise ConfigError(f"model.denoiser_dropout must be in [0, 1), got {m.denoiser_dropout}")
         if t.crossfit_folds == 1 or t.crossfit_folds < 0:

@@ -143,3 +143,42 @@ def test_no_local_branch_trains_and_explains(tmp_path):
     assert np.isfinite(result.metrics["test"]["diffusion"]["acc"])
     out = model.explain(data.test.images[0])
     assert out["boxes"] == [] and out["attention"].shape == (0,)
+
+
+def test_denoiser_encoder_starts_the_joint_phase_as_the_pretrained_dcg_backbone(tmp_path):
+    import lightning as L
+
+    from diffmic.training import api
+
+    seen = {}
+
+    class AtFirstJointBatch(L.Callback):  # after the module's on_train_epoch_start hook has run
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.current_epoch == pl_module.cfg.train.dcg_pretrain_epochs and batch_idx == 0:
+                dcg = pl_module.model.guidance.global_net.model.state_dict()
+                seen["live"] = all(torch.equal(v, pl_module.model.denoiser.encoder.state_dict()[k]) for k, v in dcg.items())
+                seen["ema"] = all(torch.equal(v, pl_module.ema.shadow.encoder.state_dict()[k]) for k, v in dcg.items())
+                seen["dcg_trained"] = not torch.equal(next(iter(dcg.values())), seen["dcg_at_start"])
+
+        def on_train_start(self, trainer, pl_module):
+            first = lambda m: next(iter(m.state_dict().values())).detach().clone()
+            seen["dcg_at_start"] = first(pl_module.model.guidance.global_net.model)
+            seen["encoder_at_start"] = first(pl_module.model.denoiser.encoder)
+
+    cfg = DiffMICConfig.from_yaml(None, [*BASE, "train.denoiser_encoder_init=dcg", f"train.out_dir={tmp_path}",
+                                         "train.run_name=r"])
+    api.train(cfg, data=_synthetic_bundle(), callbacks=[AtFirstJointBatch()])
+    assert seen["dcg_trained"]  # pre-training changed the DCG, so the copy is not its initialisation
+    assert seen["live"] and seen["ema"]
+    assert not torch.equal(seen["encoder_at_start"], seen["dcg_at_start"])  # they started different
+
+
+def test_denoiser_encoder_init_config_errors():
+    from diffmic.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="share_encoder"):
+        DiffMICConfig.from_yaml(None, [*BASE, "train.denoiser_encoder_init=dcg", "model.share_encoder=true"])
+    with pytest.raises(ConfigError, match="must equal model.backbone"):
+        DiffMICConfig.from_yaml(None, [*BASE, "train.denoiser_encoder_init=dcg", "model.denoiser_backbone=resnet34"])
+    with pytest.raises(ConfigError, match="denoiser_encoder_init"):
+        DiffMICConfig.from_yaml(None, [*BASE, "train.denoiser_encoder_init=imagenet"])

@@ -122,8 +122,20 @@ class DiffMICModule(L.LightningModule):
     # ------------------------------------------------------------ cross-fitting
     def on_train_epoch_start(self) -> None:
         t = self.cfg.train
+        if t.denoiser_encoder_init == "dcg" and self.current_epoch == t.dcg_pretrain_epochs:
+            # The first joint epoch (a run resumed later starts after it and keeps its trained encoder;
+            # one resumed into this epoch starts from the checkpoint before the copy and copies again).
+            self.copy_dcg_into_denoiser_encoder()
         if t.crossfit_folds >= 2 and not self.pretraining and self.crossfit is None:
             self.crossfit = self._fit_crossfit()
+
+    @torch.no_grad()
+    def copy_dcg_into_denoiser_encoder(self) -> None:
+        """``train.denoiser_encoder_init=dcg``: the denoiser's encoder (and its EMA copy) take the DCG's
+        global backbone weights, BatchNorm statistics included."""
+        weights = self.model.guidance.global_net.model.state_dict()
+        for encoder in (self.model.denoiser.encoder, self.ema.shadow.encoder):
+            encoder.load_state_dict(weights)
 
     def _fit_crossfit(self) -> CrossFit:
         """Train the fold DCGs on the training split (the RNG streams of the run are not touched)."""
