@@ -20,6 +20,7 @@ import io
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -70,9 +71,6 @@ def predict_files(model, paths: Sequence[str | Path], *, samples: int = 1, seed:
     generator seeded by ``seed``. ``on_loaded()`` is called once every file is decoded. Errors
     name the file.
     """
-    import numpy as np
-    import torch
-
     paths = [Path(p) for p in paths]
     images = np.stack(load_images(paths, model.image_spec)) if paths else None  # all (size, size, channels)
     if on_loaded is not None:
