@@ -222,9 +222,9 @@ def test_app_without_gradio_says_how_to_install(tiny_checkpoint, monkeypatch, ca
 
 
 def test_app_binds_to_localhost_by_default():
-    from diffmic.cli import _parser
+    from diffmic.cli import build_parser
 
-    args = _parser().parse_args(["app", "--checkpoint", "m.pt"])
+    args = build_parser().parse_args(["app", "--checkpoint", "m.pt"])
     assert (args.host, args.port, args.threshold, args.coverage) == ("127.0.0.1", 7860, None, None)
 
 

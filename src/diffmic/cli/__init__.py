@@ -24,8 +24,6 @@ from diffmic.cli.commands import (
 from diffmic.cli.parser import build_parser, positive_int
 from diffmic.errors import DiffMICError
 
-_parser = build_parser  # the name tests and older code use
-
 COMMANDS = {
     "train": _cmd_train,
     "evaluate": _cmd_evaluate,
