@@ -58,6 +58,15 @@ def synthetic_medmnist(path: Path, sizes: dict[str, int], num_classes: int, *, s
     return path
 
 
+def breastmnist_subset(path: Path, sizes: dict[str, int]) -> Path:
+    """The first ``sizes[split]`` images of each split of the real BreastMNIST, as a MedMNIST ``.npz``."""
+    import numpy as np
+
+    src = np.load(shared_file("breastmnist.npz"))
+    np.savez(path, **{f"{s}_{k}": src[f"{s}_{k}"][:n] for s, n in sizes.items() for k in ("images", "labels")})
+    return path
+
+
 def shared_file(name: str) -> Path:
     path = SHARED_DATA / name
     if not path.is_file():

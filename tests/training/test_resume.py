@@ -12,10 +12,9 @@ import sys
 import textwrap
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from conftest import TINY_OVERRIDES, shared_file
+from conftest import TINY_OVERRIDES, breastmnist_subset
 
 from diffmic.training.checkpointing import (
     AtomicCheckpointIO,
@@ -52,11 +51,7 @@ SCRIPT = textwrap.dedent(
 @pytest.fixture(scope="module")
 def small_npz(tmp_path_factory) -> Path:
     """A small MedMNIST-format file cut from BreastMNIST (odd validation size on purpose)."""
-    src = np.load(shared_file("breastmnist.npz"))
-    out = tmp_path_factory.mktemp("data") / "breast_small.npz"
-    n = {"train": 96, "val": 33, "test": 40}
-    np.savez(out, **{f"{s}_{k}": src[f"{s}_{k}"][:n[s]] for s in n for k in ("images", "labels")})
-    return out
+    return breastmnist_subset(tmp_path_factory.mktemp("data") / "breast_small.npz", {"train": 96, "val": 33, "test": 40})
 
 
 def _env() -> dict[str, str]:

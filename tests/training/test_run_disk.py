@@ -14,10 +14,9 @@ import shutil
 from pathlib import Path
 
 import lightning as L
-import numpy as np
 import pytest
 import torch
-from conftest import TINY_OVERRIDES, shared_file
+from conftest import TINY_OVERRIDES, breastmnist_subset
 
 from diffmic import load_model
 from diffmic.config import DiffMICConfig
@@ -73,11 +72,7 @@ def _select_epochs(run_dir: Path) -> dict[int, float]:
 
 @pytest.fixture(scope="module")
 def small_npz(tmp_path_factory) -> Path:
-    src = np.load(shared_file("breastmnist.npz"))
-    out = tmp_path_factory.mktemp("data") / "breast_disk.npz"
-    n = {"train": 64, "val": 24, "test": 24}
-    np.savez(out, **{f"{s}_{k}": src[f"{s}_{k}"][:n[s]] for s in n for k in ("images", "labels")})
-    return out
+    return breastmnist_subset(tmp_path_factory.mktemp("data") / "breast_disk.npz", {"train": 64, "val": 24, "test": 24})
 
 
 @pytest.fixture(scope="module")
