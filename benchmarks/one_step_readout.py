@@ -6,7 +6,8 @@ For each ``model.pt`` and split (the model's own data set), ACC and macro AUROC 
 * ``mean_path``: the shipped deterministic DDIM path from the prior (``eval.sampling_steps`` steps);
 * ``chains_mean_y0``: softmax of the mean y_0 over ``--chains`` stochastic chains (fixed seed);
 * ``one_step_<t>``: one denoiser call at y_t = ŷ (zero residual) and timestep t, read out as the
-  y_0 estimate (y_t − √(1 − ᾱ_t)·ε̂) / √ᾱ_t + … of :meth:`CardSchedule.predict_y0`. For an ideal
+  y_0 estimate ŷ + (r_t − √(1 − ᾱ_t)·ε̂) / √ᾱ_t with r_t = y_t − ŷ = 0
+  (:meth:`CardSchedule.predict_y0`). For an ideal
   denoiser at t = T − 1 this is the class posterior E[y_0 | x] (Tweedie), but errors of ε̂ are
   multiplied by √((1 − ᾱ_t)/ᾱ_t) (about 156 at t = 999 on the linear schedule); smaller t trade
   that amplification for a bias towards the prior's class.
