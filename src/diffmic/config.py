@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from diffmic._io import atomic_write_text
-from diffmic.errors import ConfigError
+from diffmic.errors import ConfigError, first_line
 
 
 @dataclass(frozen=True)
@@ -196,7 +196,7 @@ class DiffMICConfig:
             try:
                 raw = yaml.safe_load(p.read_text())
             except yaml.YAMLError as exc:
-                raise ConfigError(f"{p}: not valid YAML ({str(exc).splitlines()[0]})") from None
+                raise ConfigError(f"{p}: not valid YAML ({first_line(exc, typed=False)})") from None
             except (OSError, UnicodeDecodeError) as exc:
                 raise ConfigError(f"{p}: cannot read the config file ({type(exc).__name__})") from None
             if raw is None:

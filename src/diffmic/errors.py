@@ -21,3 +21,16 @@ class CheckpointError(DiffMICError, ValueError):
 
 class ExportError(DiffMICError, RuntimeError):
     """A model that cannot be exported (missing export packages, unsupported op, unwritable file)."""
+
+
+def first_line(exc: BaseException, limit: int = 240, *, typed: bool = True) -> str:
+    """The first line of an exception's message, cut at ``limit`` characters, for one-line errors.
+
+    With ``typed``, prefixed by the exception's class name (``"KeyError: 'x'"``; just the class name
+    when the message is empty); without, the bare line (``""`` when empty).
+    """
+    lines = str(exc).strip().splitlines()
+    text = lines[0][:limit] if lines else ""
+    if not typed:
+        return text
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from diffmic._io import atomic_path, check_output_file
 from diffmic.diffusion.readout import mean_softmax_probs, vote_probs
 from diffmic.diffusion.sampling import ddim_timesteps, sample_ddim
-from diffmic.errors import ConfigError, DiffMICError, ExportError
+from diffmic.errors import ConfigError, DiffMICError, ExportError, first_line
 from diffmic.models.diffmic import DiffMIC
 
 INSTALL_HINT = "pip install 'diffmic[export]'"
@@ -102,11 +102,6 @@ def _require(*modules: str) -> None:
         raise ExportError(f"ONNX export needs the {', '.join(missing)} package(s): {INSTALL_HINT}")
 
 
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0][:240]}" if text else type(exc).__name__
-
-
 def _check_destination(path: Path) -> None:
     check_output_file(path, ExportError)
 
@@ -155,7 +150,7 @@ def _verify(path: Path, wrapper: DiffMICInference, checks: list[tuple[Tensor, Te
     try:
         sess = _session(path)
     except Exception as exc:
-        raise ExportError(f"onnxruntime cannot load the exported graph ({_one_line(exc)})") from exc
+        raise ExportError(f"onnxruntime cannot load the exported graph ({first_line(exc)})") from exc
     for images, noise in checks:
         with torch.no_grad():
             ref = wrapper(images, noise)
@@ -163,7 +158,7 @@ def _verify(path: Path, wrapper: DiffMICInference, checks: list[tuple[Tensor, Te
             out = sess.run(list(OUTPUT_NAMES), {"images": images.cpu().numpy(), "noise": noise.cpu().numpy()})
         except Exception as exc:
             raise ExportError(
-                f"onnxruntime cannot run the exported graph at batch {images.shape[0]} ({_one_line(exc)})"
+                f"onnxruntime cannot run the exported graph at batch {images.shape[0]} ({first_line(exc)})"
             ) from exc
         for name, o, r in zip(OUTPUT_NAMES[:2], out[:2], ref[:2], strict=True):
             diff = float((torch.from_numpy(o) - r.cpu()).abs().max())
@@ -255,7 +250,7 @@ def export_onnx(
             except DiffMICError:
                 raise
             except Exception as exc:
-                raise ExportError(f"ONNX export failed ({_one_line(exc)})") from exc
+                raise ExportError(f"ONNX export failed ({first_line(exc)})") from exc
             program.model.metadata_props.update(_metadata(model, samples, steps, batch_size))
             program.model.doc_string = (
                 f"DiffMIC: images in [0, 1] (B, {model.in_chans}, {model.image_size}, {model.image_size}) and "
@@ -265,7 +260,7 @@ def export_onnx(
             try:
                 program.save(tmp, external_data=False)
             except Exception as exc:
-                raise ExportError(f"cannot write {path} ({_one_line(exc)})") from exc
+                raise ExportError(f"cannot write {path} ({first_line(exc)})") from exc
             if check:
                 checks = [(images, noise)]
                 if batch_size is None:

@@ -33,7 +33,7 @@ from diffmic.config import DataConfig, DiffMICConfig
 from diffmic.config import replace as replace_config
 from diffmic.data.base import DataBundle
 from diffmic.data.splits import SPLIT_FILE_NAME
-from diffmic.errors import CheckpointError, DataError, DiffMICError
+from diffmic.errors import CheckpointError, DataError, DiffMICError, first_line
 from diffmic.models.checkpoint import load_checkpoint_payload, model_from_payload
 from diffmic.models.diffmic import DiffMIC
 
@@ -206,8 +206,7 @@ def build_model_data(data_cfg: DataConfig, *, context: str = "the data") -> Data
     except DiffMICError as exc:
         raise DataError(f"cannot rebuild {context}: {exc}") from None
     except Exception as exc:  # noqa: BLE001 - an unreadable file may raise anything
-        first = (str(exc).strip().splitlines() or [""])[0][:200]
-        raise DataError(f"{data_cfg.path}: unreadable dataset ({type(exc).__name__}: {first})") from None
+        raise DataError(f"{data_cfg.path}: unreadable dataset ({first_line(exc, 200)})") from None
 
 
 def find_resumable(out_dir: str | Path, *, run_name: str | None, prefix: str) -> RunDir | None:

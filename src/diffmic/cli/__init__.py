@@ -22,7 +22,7 @@ from diffmic.cli.commands import (
     _cmd_train,
 )
 from diffmic.cli.parser import build_parser, positive_int
-from diffmic.errors import DiffMICError
+from diffmic.errors import DiffMICError, first_line
 
 COMMANDS = {
     "train": _cmd_train,
@@ -112,8 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:
         if args.debug:
             raise
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        print(f"diffmic: error: {type(exc).__name__}: {msg[:300]} (rerun with --debug for details)",
+        print(f"diffmic: error: {first_line(exc, 300)} (rerun with --debug for details)",
               file=sys.stderr)
         return 1
 

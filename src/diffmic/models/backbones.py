@@ -7,7 +7,7 @@ import itertools
 import torch
 from torch import nn
 
-from diffmic.errors import ConfigError
+from diffmic.errors import ConfigError, first_line
 
 
 def small_input_default(image_size: int) -> bool:
@@ -73,8 +73,8 @@ def create_backbone(
     except Exception as exc:  # noqa: BLE001 - network / hub errors when downloading weights
         if pretrained:
             raise ConfigError(
-                f"could not load pretrained weights for {name!r} ({type(exc).__name__}: "
-                f"{str(exc).splitlines()[0][:120]}); this needs network access once, or set "
+                f"could not load pretrained weights for {name!r} ({first_line(exc, 120)}); "
+                "this needs network access once, or set "
                 "model.pretrained=false to train from scratch"
             ) from None
         raise ConfigError(f"could not create backbone {name!r}: {exc}") from None

@@ -31,7 +31,7 @@ import torch
 
 from diffmic._io import atomic_torch_save
 from diffmic.config import DiffMICConfig
-from diffmic.errors import CheckpointError, DataError
+from diffmic.errors import CheckpointError, DataError, first_line
 from diffmic.images import ImageSpec
 from diffmic.models.diffmic import DiffMIC
 from diffmic.models.factory import build_model
@@ -72,8 +72,7 @@ def load_checkpoint_payload(path: str | Path, map_location: str | torch.device =
     try:
         payload = torch.load(p, map_location=map_location, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - garbage bytes also raise KeyError, IndexError, ...
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{p}: corrupt or unreadable checkpoint ({msg[:160]})") from None
+        raise CheckpointError(f"{p}: corrupt or unreadable checkpoint ({first_line(exc, 160)})") from None
     if not isinstance(payload, dict):
         raise CheckpointError(f"{p}: not a diffmic checkpoint")
     return payload
@@ -109,7 +108,7 @@ def model_from_payload(payload: dict[str, Any], source: str | Path = "checkpoint
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        first = str(exc).splitlines()[0]
+        first = first_line(exc, typed=False)
         raise CheckpointError(f"{source}: weights do not match the stored config ({first})") from None
     model.eval()
     return model
