@@ -115,6 +115,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="also evaluate DiffMIC rows on their training images (memorisation diagnostic)")
     p.add_argument("--render", action="store_true",
                    help="train nothing: rewrite the docs section from the finished runs in --out")
+    p.add_argument("--merge", nargs="+", type=Path, metavar="JSON",
+                   help="with --render: first add to --out the finished runs of these result files (rows or seeds "
+                        "run as separate processes with the same budget and settings); --out is rewritten")
     p.add_argument("--section", default="accuracy", help="name of the docs section to (re)write")
     p.add_argument("--title", help="heading of the docs section")
     p.add_argument("--work-dir", type=Path, help="run folders (default: <out folder>/tmp-<out name>, kept until "
@@ -242,6 +245,47 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+MERGE_KEYS = ("config", "overrides", "quick", "epochs", "diffmic_split", "warmup_fraction", "max_train",
+              "select_metric", "eval_samples")
+
+
+def merge_results(result: dict[str, Any], paths: list[Path]) -> None:
+    """Add to ``result`` the finished runs of other result files (``--render --merge``).
+
+    Only files made with the same budget and settings (``MERGE_KEYS``) merge; a (dataset, seed, row)
+    already in ``result`` is kept and the other file's copy left out. Each added run records the file
+    it came from, and ``result["run"]["merged"]`` the command and commit of each file.
+    """
+    for path in paths:
+        if not path.is_file():
+            raise ValueError(f"--merge: {path} not found")
+        try:
+            other = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ValueError(f"--merge: {path}: not a readable result file ({type(exc).__name__})") from None
+        if other.get("benchmark") != "accuracy":
+            raise ValueError(f"--merge: {path}: not an accuracy benchmark result")
+        differ = [k for k in MERGE_KEYS if other["settings"].get(k) != result["settings"].get(k)]
+        if differ:
+            raise ValueError(f"--merge: {path}: made with different settings ({', '.join(differ)}); render it "
+                             "as its own section instead")
+        have = {(r["dataset"], r["seed"], _row(r)) for r in result["runs"]}
+        added = [r | {"merged_from": path.name} for r in other["runs"]
+                 if "error" not in r and (r["dataset"], r["seed"], _row(r)) not in have]
+        result["runs"] += added
+        s = result["settings"]
+        for row in other["settings"].get("rows", []):
+            if row not in s["rows"]:
+                s["rows"].append(row)
+                s["row_overrides"][row] = other["settings"]["row_overrides"][row]
+        s["seeds"] = sorted(set(s["seeds"]) | set(other["settings"]["seeds"]))
+        s["train_images"] = other["settings"]["train_images"] | s["train_images"]
+        result["datasets"] = sorted(set(result["datasets"]) | set(other["datasets"]))
+        result["run"].setdefault("merged", []).append({
+            "file": path.name, "command": other["run"]["command"], "git_commit": other["run"].get("git_commit"),
+            "runs": len(added)})
+
+
 def markdown(result: dict[str, Any]) -> str:
     s, info = result["settings"], result["run"]
     commit = common.commit_label(info)
@@ -251,6 +295,8 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         (f"Command: `{info['command']}` · {commit} · {info['cpu_count']} CPUs, {info['torch_threads']} torch "
         f"threads · {info['started']} · wall {result['wall_seconds']:.0f} s"),
+        *[f"- Merged from `{m['file']}` ({m['runs']} run(s), commit {m['git_commit']}): `{m['command']}`"
+          for m in info.get("merged", [])],
         "",
         f"Budget: **{s['epochs']} epochs per method** (DiffMIC: {d} DCG pre-training + {j} joint). Backbone "
         f"`{s['backbone']}` (DCG global/local and classifier), denoiser encoder `{s['denoiser_backbone']}`, "
@@ -390,6 +436,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"accuracy: error: --render needs an existing --out file, {out} not found", file=sys.stderr)
             return 2
         result = json.loads(out.read_text())
+        if args.merge:
+            try:
+                merge_results(result, args.merge)
+            except ValueError as exc:
+                print(f"accuracy: error: {exc}", file=sys.stderr)
+                return 2
+            result["summary"] = summarise(result["runs"])
+            common.write_json(out, result)
+            print(f"[accuracy] merged {len(args.merge)} file(s) into {out}")
         result["summary"] = summarise(result["runs"])
         if args.title:
             result["settings"]["title"] = args.title

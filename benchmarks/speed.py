@@ -161,7 +161,8 @@ def plan_quick(args: argparse.Namespace) -> list[dict]:
         if not args.no_train:
             add("train_classifier", f"train step: plain {reference} classifier (reference)",
                 classifier_backbone=reference)
-            add("train_joint", "train step: preset joint DiffMIC (diffusion + DCG CE)", preset_default=True)
+            what = "diffusion + DCG CE" if preset.train.joint_train else "diffusion, DCG frozen"
+            add("train_joint", f"train step: preset joint DiffMIC ({what})", preset_default=True)
             if not preset.model.share_encoder:
                 add("train_joint", "train step: preset + model.share_encoder=true",
                     extra_overrides=["model.share_encoder=true"])
