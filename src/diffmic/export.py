@@ -29,6 +29,7 @@ from diffmic.diffusion.readout import mean_softmax_probs, vote_probs
 from diffmic.diffusion.sampling import ddim_timesteps, sample_ddim
 from diffmic.errors import ConfigError, DiffMICError, ExportError, first_line
 from diffmic.models.diffmic import DiffMIC
+from diffmic.models.modes import eval_mode
 
 INSTALL_HINT = "pip install 'diffmic[export]'"
 INPUT_NAMES = ("images", "noise")
@@ -224,14 +225,12 @@ def export_onnx(
         batch = torch.export.Dim("batch", min=1)
         dynamic_shapes = {"images": {0: batch}, "noise": {1: batch}}
 
-    was_training = model.training
-    model.eval()
     log_disabled = logging.root.manager.disable
     try:
         # The exporter prints progress, logs its graph rewrites at INFO and raises many harmless
         # warnings: silence them so the CLI prints one line.
         logging.disable(logging.INFO)
-        with atomic_path(path) as tmp, torch.no_grad(), warnings.catch_warnings(), \
+        with eval_mode(model), atomic_path(path) as tmp, torch.no_grad(), warnings.catch_warnings(), \
                 contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
             try:
@@ -270,5 +269,4 @@ def export_onnx(
         raise ExportError(f"cannot write {path} ({exc.strerror or type(exc).__name__})") from exc
     finally:
         logging.disable(log_disabled)
-        model.train(was_training)
     return path

@@ -30,6 +30,7 @@ from diffmic.evaluation.calibration import apply_temperature
 from diffmic.evaluation.metrics import METRIC_NAMES
 from diffmic.evaluation.report import EvalReport, RunEvaluation, evaluate_run
 from diffmic.models.diffmic import DiffMIC
+from diffmic.models.modes import eval_mode
 from diffmic.runs import RunDir
 
 REPORT_NAME = "report.html"
@@ -163,12 +164,8 @@ Boxes = list[list[tuple[int, int, int, int]]]
 @torch.no_grad()
 def _roi_boxes(model: DiffMIC, images: np.ndarray) -> tuple[Boxes, list[list[float]]]:
     """ROI crops ``(row, col, h, w)`` (model-input pixels) and attention weights from the DCG."""
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         guide = model.guidance(model.preprocess(images))
-    finally:
-        model.train(was_training)
     crop = model.guidance.crop_size
     boxes = [[(int(r), int(c), crop, crop) for r, c in corners.tolist()] for corners in guide.corners]
     return boxes, guide.attention.float().cpu().tolist()

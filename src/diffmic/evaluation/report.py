@@ -24,6 +24,7 @@ from diffmic.evaluation.calibration import DEFAULT_COVERAGES, uncertainty_summar
 from diffmic.evaluation.metrics import classification_metrics, confusion_matrix, per_class_table
 from diffmic.models.checkpoint import load_model
 from diffmic.models.diffmic import DiffMIC
+from diffmic.models.modes import eval_mode
 from diffmic.runs import RunDir, model_data_config
 
 
@@ -81,24 +82,24 @@ def predict_readouts(
     Features, the ``samples`` chains and the mean path are computed once per batch and shared by
     the readouts (the chains only when a readout other than ``mean_path`` is asked for).
     """
-    model.eval()
-    device = model.mean.device
-    gen = torch.Generator(device=device).manual_seed(seed)
-    images = torch.from_numpy(data.images).permute(0, 3, 1, 2)
-    probs: dict[str, list[Tensor]] = {r: [] for r in readouts}
-    priors = []
-    for chunk in images.split(batch_size):
-        x = model.normalize(chunk.to(device).float() / 255.0)
-        guide = model.guidance(x)
-        prior = guide.logits.softmax(dim=1)
-        feats = model.encode(x, guide)
-        chains, path = model.run_chains(
-            feats, prior, samples=samples, path="mean_path" in readouts,
-            chains=any(r != "mean_path" for r in readouts), generator=gen, sampler=sampler, num_steps=num_steps,
-        )
-        for r in readouts:
-            probs[r].append(readout_probs(r, temperature=model.temperature, chains=chains, path=path).cpu())
-        priors.append(prior.cpu())
+    with eval_mode(model):
+        device = model.mean.device
+        gen = torch.Generator(device=device).manual_seed(seed)
+        images = torch.from_numpy(data.images).permute(0, 3, 1, 2)
+        probs: dict[str, list[Tensor]] = {r: [] for r in readouts}
+        priors = []
+        for chunk in images.split(batch_size):
+            x = model.normalize(chunk.to(device).float() / 255.0)
+            guide = model.guidance(x)
+            prior = guide.logits.softmax(dim=1)
+            feats = model.encode(x, guide)
+            chains, path = model.run_chains(
+                feats, prior, samples=samples, path="mean_path" in readouts,
+                chains=any(r != "mean_path" for r in readouts), generator=gen, sampler=sampler, num_steps=num_steps,
+            )
+            for r in readouts:
+                probs[r].append(readout_probs(r, temperature=model.temperature, chains=chains, path=path).cpu())
+            priors.append(prior.cpu())
     return {r: torch.cat(p) for r, p in probs.items()}, torch.cat(priors), torch.from_numpy(data.labels).long()
 
 

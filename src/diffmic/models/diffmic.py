@@ -9,8 +9,6 @@ the deterministic mean path (DDIM η = 0 from ŷ itself) when the readout needs 
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any, NamedTuple
 
 import torch
@@ -25,6 +23,7 @@ from diffmic.images import ImageSpec, to_batch, to_model_input
 from diffmic.models.backbones import fuse_conv_bn
 from diffmic.models.denoiser import LabelDenoiser, fuse_linear_bn
 from diffmic.models.guidance import DCG, GuidanceOutput
+from diffmic.models.modes import eval_mode
 
 
 class Prediction(NamedTuple):
@@ -309,16 +308,6 @@ class DiffMIC(nn.Module):
         """
         return to_model_input(to_batch(images, self.image_spec).to(self.mean.device), self.image_spec)
 
-    @contextmanager
-    def _eval_mode(self) -> Iterator[None]:
-        """Eval mode for the block; the previous train/eval mode is restored afterwards."""
-        was_training = self.training
-        self.eval()
-        try:
-            yield
-        finally:
-            self.train(was_training)
-
     @torch.inference_mode()
     def predict_proba(
         self,
@@ -329,7 +318,7 @@ class DiffMIC(nn.Module):
         batch_size: int = 256,
     ) -> Tensor:
         """Class probabilities (N, C) from the diffusion output, in eval mode."""
-        with self._eval_mode():
+        with eval_mode(self):
             x = self.preprocess(images)
             out = [self(chunk, samples=samples, generator=generator).probs for chunk in x.split(batch_size)]
         return torch.cat(out)
@@ -365,7 +354,7 @@ class DiffMIC(nn.Module):
 
         parts: dict[str, list[Tensor]] = {k: [] for k in
                                           ("probs", "prior", "votes", "entropy", "interval_low", "interval_high")}
-        with self._eval_mode():
+        with eval_mode(self):
             x = self.preprocess(images)
             for chunk in x.split(batch_size):
                 out = self(chunk, samples=samples, generator=generator)
@@ -396,7 +385,7 @@ class DiffMIC(nn.Module):
             ``prior``: numpy (C,) DCG prior; ``probs``: numpy (C,) diffusion probabilities;
             ``prediction``: argmax of ``probs``; ``class_names``; ``image_size``.
         """
-        with self._eval_mode():
+        with eval_mode(self):
             x = self.preprocess(image)
             if x.shape[0] != 1:
                 raise DataError(f"explain takes one image, got a batch of {x.shape[0]}")

@@ -17,6 +17,7 @@ from diffmic.config import DiffMICConfig
 from diffmic.data.base import DataBundle, ImageArray
 from diffmic.evaluation.metrics import classification_metrics
 from diffmic.models.backbones import create_backbone, small_input_default
+from diffmic.models.modes import eval_mode
 from diffmic.training.augment import augment_batch
 from diffmic.training.module import warmup_cosine
 from diffmic.training.optim import adam
@@ -105,10 +106,10 @@ class ClassifierModule(L.LightningModule):
     @torch.no_grad()
     def predict_probs(self, data: ImageArray, batch_size: int = 256) -> Tensor:
         """Softmax probabilities (N, C) over a split, in eval mode."""
-        self.eval()
         images = torch.from_numpy(data.images).permute(0, 3, 1, 2)
-        out = [self(self.inputs(chunk.to(self.device), train=False)).softmax(1).cpu()
-               for chunk in images.split(batch_size)]
+        with eval_mode(self):
+            out = [self(self.inputs(chunk.to(self.device), train=False)).softmax(1).cpu()
+                   for chunk in images.split(batch_size)]
         return torch.cat(out)
 
 
