@@ -48,10 +48,24 @@ def test_plot_explanation_writes_png(tmp_path, shape):
     assert len(np.unique(arr.reshape(-1, 3), axis=0)) > 1
 
 
-def test_plots_module_uses_agg_backend():
+def test_importing_plots_leaves_the_users_backend_and_pngs_still_save(tmp_path):
+    import importlib
+
     import matplotlib
 
-    assert matplotlib.get_backend().lower() == "agg"
+    import diffmic.evaluation.plots as plots
+
+    before = matplotlib.get_backend()
+    try:
+        matplotlib.use("pdf")  # what a user (or a notebook) chose before importing diffmic
+        importlib.reload(plots)
+        assert matplotlib.get_backend().lower() == "pdf"
+        fig = plots.plot_explanation(np.zeros((28, 28), np.uint8), fake_explanation(), ["a", "b", "c"])
+        fig.savefig(tmp_path / "x.png")  # a bare Figure picks the PNG writer itself
+        with Image.open(tmp_path / "x.png") as im:
+            assert im.format == "PNG"
+    finally:
+        matplotlib.use(before)
 
 
 def test_plot_explanation_shows_every_class_saliency():

@@ -1,10 +1,10 @@
-"""Figures (object-oriented matplotlib on the Agg backend): a single-image explanation, and the
-dataset-level figures of a run report (reliability diagram, accuracy-coverage curve, confusion
-matrix, training curves, image grid with ROI boxes).
+"""Figures (object-oriented matplotlib): a single-image explanation, and the dataset-level figures
+of a run report (reliability diagram, accuracy-coverage curve, confusion matrix, training curves,
+image grid with ROI boxes).
 
-Importing this module selects the non-interactive Agg backend; ``diffmic.models`` never imports
-matplotlib. Every function returns a :class:`~matplotlib.figure.Figure`; save it with
-``fig.savefig(path)``; no pyplot state is touched.
+Every function returns a :class:`~matplotlib.figure.Figure`; save it with ``fig.savefig(path)``
+(which needs no GUI backend). No pyplot state is touched and the user's matplotlib backend is left
+as it is; ``diffmic.models`` never imports matplotlib.
 """
 
 from __future__ import annotations
@@ -15,9 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
-
-matplotlib.use("Agg")
-
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
