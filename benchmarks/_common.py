@@ -35,8 +35,8 @@ def git_commit() -> dict[str, Any]:
 
     def run(*args: str) -> str | None:
         try:
-            out = subprocess.run(["git", "--no-optional-locks", *args], capture_output=True, text=True, timeout=10, cwd=REPO,
-                                 check=False)
+            out = subprocess.run(["git", "--no-optional-locks", *args], capture_output=True, text=True, timeout=10,
+                                 cwd=REPO, check=False)
         except (OSError, subprocess.SubprocessError):
             return None
         return out.stdout.strip() if out.returncode == 0 else None

@@ -114,7 +114,8 @@ def plan(args: argparse.Namespace, default_steps: int, timesteps: int, backbone:
         for k in sorted(set(args.steps) | {default_steps}):
             add(size, "infer_diffmic", f"DiffMIC ddim {k} steps", steps=k, samples=1)
         for n in sorted(set(args.samples) - {1}):
-            add(size, "infer_diffmic", f"DiffMIC ddim {default_steps} steps x {n} samples", steps=default_steps, samples=n)
+            add(size, "infer_diffmic", f"DiffMIC ddim {default_steps} steps x {n} samples", steps=default_steps,
+                samples=n)
         add(size, "infer_shared", f"DiffMIC shared encoder, ddim {default_steps} steps", steps=default_steps, samples=1)
         for k in sorted(set(ref_steps)):
             add(size, "infer_recompute", f"reference: encoder recomputed every step, {k} steps", steps=k)
@@ -397,7 +398,8 @@ def quick_targets(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         chains = next((r for r in ok if r["kind"] == "infer_preset" and r.get("samples") == 16
                        and r.get("engine") == "eager" and not r.get("extra_overrides")), None)
         if chains:
-            row(f"16 chains ≤ {t['chains16']}× predict's default", size, chains.get("ratio_to_one_chain"), t["chains16"])
+            row(f"16 chains ≤ {t['chains16']}× predict's default", size, chains.get("ratio_to_one_chain"),
+                t["chains16"])
         joint = next((r for r in ok if r["kind"] == "train_joint" and r.get("preset_default")), None)
         if joint:
             row(f"preset joint training step ≤ {t['train']}× plain {QUICK_REFERENCE} training step", size,
@@ -518,7 +520,8 @@ def markdown_quick(result: dict[str, Any]) -> str:
          f"(7 classes); denoiser width {s['feature_dim_note']}. Median of up to {s['repeats']} timed batches "
          f"after {s['warmup']} warm-up call(s). Inference cases call `DiffMIC.predict_details` on a batch of "
          f"images in [0, 1] (what `diffmic predict` calls in batches of --batch-size, without decoding; the "
-         f"end-to-end figure is the predict-folder section). **Bold**: the preset cases marked `preset_default` in the JSON. Ratios: to the "
+         f"end-to-end figure is the predict-folder section). **Bold**: the preset cases marked `preset_default` "
+         f"in the JSON. Ratios: to the "
          f"plain {s['quick_reference']} classifier of the same size and run (inference to its inference, training "
          f"step to its step), to a plain classifier of the preset's DCG backbone, and to predict's default "
          f"(the bold inference row). `model.share_encoder=true` rows show what that accuracy-dependent "
@@ -527,7 +530,8 @@ def markdown_quick(result: dict[str, Any]) -> str:
     for size in s["sizes"]:
         rows = [r for r in result["results"] if r["size"] == size]
         lines += ["", f"### {size}×{size}", "",
-                  "| case | batch | ms/img | img/s | × plain classifier | × own-backbone classifier | × predict's default |",
+                  ("| case | batch | ms/img | img/s | × plain classifier | × own-backbone classifier "
+                   "| × predict's default |"),
                   "|---|---|---|---|---|---|---|"]
 
         def f(v: Any) -> str:

@@ -225,7 +225,8 @@ from diffmic.config import DiffMICConfig
 from diffmic.models.factory import build_model
 from diffmic.models.checkpoint import save_model
 cfg = DiffMICConfig.from_yaml(None, ["data.path=x.npz", *TINY_OVERRIDES])
-save_model(build_model(cfg, num_classes=2, in_chans=1, image_size=28, class_names=["a", "b"]), {str(tmp_path / "m.pt")!r})
+save_model(build_model(cfg, num_classes=2, in_chans=1, image_size=28, class_names=["a", "b"]),
+           {str(tmp_path / "m.pt")!r})
 from diffmic.cli import main
 assert main(["predict", "--checkpoint", {str(tmp_path / "m.pt")!r}, {str(tmp_path / "a.png")!r},
              "--out", {str(tmp_path / "p.csv")!r}]) == 0

@@ -11,9 +11,10 @@ Every upload goes through :func:`diffmic.images.load_image`, the one image path 
 ``predict`` and ``explain``, so the app sees exactly the pixels ``diffmic predict`` sees.
 
 The pure parts (upload checks, :class:`Referral`, :func:`image_result`, the HTML, and
-:class:`Analyser`, the page's callback) need neither gradio nor a browser; :func:`build_app` and :func:`launch` import gradio (``pip install
-'diffmic[app]'``). The page is served from 127.0.0.1 by default, with analytics off, no share link,
-system fonts (no font CDN), no server-side rendering and no MCP/PWA endpoints.
+:class:`Analyser`, the page's callback) need neither gradio nor a browser; :func:`build_app` and
+:func:`launch` import gradio (``pip install 'diffmic[app]'``). The page is served from 127.0.0.1 by
+default, with analytics off, no share link, system fonts (no font CDN), no server-side rendering and
+no MCP/PWA endpoints.
 """
 
 from __future__ import annotations
@@ -432,8 +433,8 @@ def launch(checkpoint: str | Path, *, host: str = DEFAULT_HOST, port: int = DEFA
     demo.queue(default_concurrency_limit=1)
     print(f"serving on http://{host}:{port} (Ctrl+C stops)", flush=True)
     demo.launch(server_name=host, server_port=port, share=False, inbrowser=False, prevent_thread_lock=True,
-                max_file_size=int(UPLOAD_HARD_CAP_FACTOR * max_upload_mb * 1e6), ssr_mode=False, mcp_server=False, pwa=False,
-                enable_monitoring=False, footer_links=[], theme=offline_theme(gr), css=CSS, quiet=True,
+                max_file_size=int(UPLOAD_HARD_CAP_FACTOR * max_upload_mb * 1e6), ssr_mode=False, mcp_server=False,
+                pwa=False, enable_monitoring=False, footer_links=[], theme=offline_theme(gr), css=CSS, quiet=True,
                 show_error=True)
     if block:
         try:

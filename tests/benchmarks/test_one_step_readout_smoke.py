@@ -22,8 +22,8 @@ def test_untrained_skip_denoiser_reads_out_the_prior(tmp_path: Path) -> None:
     ckpt = tmp_path / "model.pt"
     save_model(model, ckpt)
     out = tmp_path / "r.json"
-    assert load_benchmark("one_step_readout").main([str(ckpt), "--splits", "val", "--timesteps", "99", "50", "0", "--chains", "2",
-                         "--out", str(out)]) == 0
+    assert load_benchmark("one_step_readout").main([str(ckpt), "--splits", "val", "--timesteps", "99", "50", "0",
+                                                    "--chains", "2", "--out", str(out)]) == 0
     (per_split,) = json.loads(out.read_text())["models"].values()
     r = per_split["val"]
     assert set(r) == {"prior", "mean_path", "chains_mean_y0", "one_step_99", "one_step_50", "one_step_0"}
@@ -34,5 +34,6 @@ def test_untrained_skip_denoiser_reads_out_the_prior(tmp_path: Path) -> None:
 
 def test_bad_timestep_is_one_line(tmp_path: Path, tiny_checkpoint, capsys) -> None:
     ckpt, _ = tiny_checkpoint
-    assert load_benchmark("one_step_readout").main([str(ckpt), "--timesteps", "100"]) == 1  # the tiny schedule has 100 steps
+    # the tiny schedule has 100 steps
+    assert load_benchmark("one_step_readout").main([str(ckpt), "--timesteps", "100"]) == 1
     assert "--timesteps [100]" in capsys.readouterr().err

@@ -26,9 +26,10 @@ def test_predict_folder_smoke(tmp_path: Path) -> None:
     out = tmp_path / "result.json"
     threads = torch.get_num_threads()
     try:
-        rc = load_benchmark("predict_folder").main(["--config", str(config), "--data", str(data), "--images", "20", "--repeats", "1",
-                           "--batch-size", "8", "--per-image", "--no-process", "--threads", "1", "--workdir", str(tmp_path / "w"),
-                           "--out", str(out), "--docs", str(docs)])
+        rc = load_benchmark("predict_folder").main(["--config", str(config), "--data", str(data), "--images", "20",
+                                                    "--repeats", "1", "--batch-size", "8", "--per-image",
+                                                    "--no-process", "--threads", "1", "--workdir", str(tmp_path / "w"),
+                                                    "--out", str(out), "--docs", str(docs)])
     finally:
         torch.set_num_threads(threads)
     assert rc == 0

@@ -232,6 +232,7 @@ def test_unwritable_output(tiny_checkpoint, tmp_path, capsys):
 
 def test_failed_train_leaves_no_run_folder(tmp_path, capsys):
     out = tmp_path / "runs"
-    code, _, _ = run(["train", "--config", "configs/tiny.yaml", "--data", tmp_path / "missing.npz", "--out", out], capsys)
+    code, _, _ = run(["train", "--config", "configs/tiny.yaml", "--data", tmp_path / "missing.npz", "--out", out],
+                     capsys)
     assert code == 1
     assert not out.exists()

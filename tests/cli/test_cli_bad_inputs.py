@@ -116,7 +116,8 @@ def c_nan_images(t, e):
 
 def c_two_channel_images(t, e):
     imgs = np.zeros((8, 28, 28, 2), dtype=np.uint8)
-    return ["train", "--config", TINY, "--data", _npz(t, train_images=imgs), "--out", t / "runs"], "channel", [t / "runs"]
+    return (["train", "--config", TINY, "--data", _npz(t, train_images=imgs), "--out", t / "runs"], "channel",
+            [t / "runs"])
 
 
 def c_image_label_count_mismatch(t, e):
@@ -192,7 +193,8 @@ def c_evaluate_missing_data(t, e):
 
 
 def c_predict_missing_image(t, e):
-    return ["predict", "--checkpoint", e["ckpt"], e["png"], t / "absent.png", "--out", t / "p.csv"], "absent.png", [t / "p.csv"]
+    return (["predict", "--checkpoint", e["ckpt"], e["png"], t / "absent.png", "--out", t / "p.csv"], "absent.png",
+            [t / "p.csv"])
 
 
 def c_predict_empty_image(t, e):

@@ -33,7 +33,8 @@ def test_train_evaluate_predict_on_folder(tmp_path, capsys):
     code = main([
         "train", "--data", str(data), "--out", str(out), "--name", "folder",
         "--set", "data.format=folder", "--set", "data.image_size=28", "--set", "data.batch_size=16",
-        "--set", "data.val_fraction=0.25", "--set", "data.test_fraction=0.25", "--set", f"data.cache_dir={tmp_path / 'cache'}",
+        "--set", "data.val_fraction=0.25", "--set", "data.test_fraction=0.25",
+        "--set", f"data.cache_dir={tmp_path / 'cache'}",
         "--set", "train.dcg_pretrain_epochs=1", "--set", "train.epochs=1", "--set", "eval.samples=2", *sets,
     ])
     captured = capsys.readouterr()
@@ -55,7 +56,8 @@ def test_train_evaluate_predict_on_folder(tmp_path, capsys):
     split["train"] = split["train"] + split["test"][:3]
     split["test"] = split["test"][3:]
     (run / "split.json").write_text(json.dumps(split))
-    code = main(["evaluate", "--checkpoint", str(run / "checkpoints" / "best.ckpt"), "--out", str(tmp_path / "e2.json")])
+    code = main(["evaluate", "--checkpoint", str(run / "checkpoints" / "best.ckpt"),
+                 "--out", str(tmp_path / "e2.json")])
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert json.loads((tmp_path / "e2.json").read_text())["num_images"] == metrics["test"]["num_images"] - 3

@@ -53,7 +53,7 @@ def test_importing_plots_leaves_the_users_backend_and_pngs_still_save(tmp_path):
 
     import matplotlib
 
-    import diffmic.evaluation.plots as plots
+    from diffmic.evaluation import plots
 
     before = matplotlib.get_backend()
     try:

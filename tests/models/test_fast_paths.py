@@ -41,7 +41,8 @@ def make_model(backbone="test_resnet", extra=(), num_classes=4, in_chans=3, imag
         for _ in range(2):
             x = torch.randn(6, in_chans, image_size, image_size)
             g = model.guidance(x)
-            model.denoiser.denoise(model.encode(x, g), torch.randn(6, num_classes), g.logits.softmax(1), torch.arange(6))
+            model.denoiser.denoise(model.encode(x, g), torch.randn(6, num_classes), g.logits.softmax(1),
+                                   torch.arange(6))
     return model.eval()
 
 

@@ -54,8 +54,8 @@ def ddp_run(tmp_path_factory):
                  "data.batch_size=32", "data.eval_batch_size=8", "train.strategy=ddp", "train.devices=2",
                  "train.accelerator=cpu"]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.run([sys.executable, str(script), str(base), *overrides], check=False, capture_output=True, text=True,
-                          timeout=600, env=env, cwd=base)
+    proc = subprocess.run([sys.executable, str(script), str(base), *overrides], check=False, capture_output=True,
+                          text=True, timeout=600, env=env, cwd=base)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return base, data
 

@@ -156,7 +156,8 @@ def test_denoiser_encoder_starts_the_joint_phase_as_the_pretrained_dcg_backbone(
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             if trainer.current_epoch == pl_module.cfg.train.dcg_pretrain_epochs and batch_idx == 0:
                 dcg = pl_module.model.guidance.global_net.model.state_dict()
-                seen["live"] = all(torch.equal(v, pl_module.model.denoiser.encoder.state_dict()[k]) for k, v in dcg.items())
+                seen["live"] = all(torch.equal(v, pl_module.model.denoiser.encoder.state_dict()[k])
+                                   for k, v in dcg.items())
                 seen["ema"] = all(torch.equal(v, pl_module.ema.shadow.encoder.state_dict()[k]) for k, v in dcg.items())
                 seen["dcg_trained"] = not torch.equal(next(iter(dcg.values())), seen["dcg_at_start"])
 

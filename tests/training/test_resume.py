@@ -51,7 +51,8 @@ SCRIPT = textwrap.dedent(
 @pytest.fixture(scope="module")
 def small_npz(tmp_path_factory) -> Path:
     """A small MedMNIST-format file cut from BreastMNIST (odd validation size on purpose)."""
-    return breastmnist_subset(tmp_path_factory.mktemp("data") / "breast_small.npz", {"train": 96, "val": 33, "test": 40})
+    return breastmnist_subset(tmp_path_factory.mktemp("data") / "breast_small.npz",
+                              {"train": 96, "val": 33, "test": 40})
 
 
 def _env() -> dict[str, str]:

@@ -33,7 +33,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     if args.resume and args.resume != "auto":
         if args.config or args.overrides or args.data or args.out or args.name:
-            raise ConfigError("--resume RUN_DIR uses the run's own config.yaml; drop --config/--set/--data/--out/--name")
+            raise ConfigError("--resume RUN_DIR uses the run's own config.yaml; "
+                              "drop --config/--set/--data/--out/--name")
         return _report_run(resume(Path(args.resume)))
     extra = []
     if args.out:

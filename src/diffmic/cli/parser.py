@@ -132,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     xp.add_argument("--format", default="onnx", help="export format (only onnx is supported)")
     xp.add_argument("--out", required=True, type=Path, metavar="FILE", help="the file to write (e.g. model.onnx)")
     xp.add_argument("--samples", type=positive_int, default=1, help="reverse chains per image, fixed in the graph")
-    xp.add_argument("--steps", type=positive_int, default=None, help="DDIM steps (default: the checkpoint's sampling_steps)")
+    xp.add_argument("--steps", type=positive_int, default=None,
+                    help="DDIM steps (default: the checkpoint's sampling_steps)")
     xp.add_argument("--batch-size", type=positive_int, default=None,
                     help="fix the batch size (default: dynamic batch axis)")
     ap = add("app", "Serve a local web page (Gradio, offline) that classifies dropped images with a checkpoint.")

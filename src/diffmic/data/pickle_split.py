@@ -85,7 +85,8 @@ def _as_label(value: Any, where: str) -> int:
         raise DataError(f"{where}: label must be an integer, got {value!r}")
     if isinstance(value, int):
         label = value
-    elif isinstance(value, float) and value.is_integer() or isinstance(value, str) and value.strip().lstrip("-").isdigit():
+    elif (isinstance(value, float) and value.is_integer()
+          or isinstance(value, str) and value.strip().lstrip("-").isdigit()):
         label = int(value)
     else:
         raise DataError(f"{where}: label must be an integer, got {value!r}")

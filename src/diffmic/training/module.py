@@ -188,7 +188,8 @@ class DiffMICModule(L.LightningModule):
         self.manual_backward(loss)
         opt.step()
         acc = (guide.logits.argmax(1) == y).float().mean()
-        self.log_dict({"train/dcg_loss": loss.detach(), "train/dcg_acc": acc}, on_step=False, on_epoch=True, batch_size=len(y))
+        self.log_dict({"train/dcg_loss": loss.detach(), "train/dcg_acc": acc}, on_step=False, on_epoch=True,
+                      batch_size=len(y))
         return loss.detach()
 
     def training_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> None:
