@@ -178,7 +178,16 @@ def profile_training(size: int, batch: int, args: argparse.Namespace) -> dict[st
     module = speed.training_module(cfg, margs | {"num_classes": margs["num_classes"]})
     model = module.model
     # label the parts; the DCG forward under no_grad (the priors) vs in the DCG step
-    module._dcg_step = _label(module._dcg_step, "dcg.step")
+    in_dcg_step = {"on": False}
+    dcg_step = _label(module._dcg_step, "dcg.step")
+
+    def flagged_dcg_step(*a: Any, **k: Any) -> Any:
+        in_dcg_step["on"] = True
+        try:
+            return dcg_step(*a, **k)
+        finally:
+            in_dcg_step["on"] = False
+    module._dcg_step = flagged_dcg_step
     g = model.guidance
     g_forward = g.forward
 
@@ -195,11 +204,8 @@ def profile_training(size: int, batch: int, args: argparse.Namespace) -> dict[st
     opt_d.step = _label(opt_d.step, "opt.denoiser")
     opt_g.step = _label(opt_g.step, "opt.dcg")
     module.ema.update = _label(module.ema.update, "ema")
-    calls = {"n": 0}
-
-    def backward(loss: Any, *a: Any, **k: Any) -> None:
-        calls["n"] += 1
-        with record_function("backward.diffusion" if calls["n"] % 2 == 1 else "backward.dcg"):
+    def backward(loss: Any, *a: Any, **k: Any) -> None:  # the DCG step's own (absent when the DCG is frozen)
+        with record_function("backward.dcg" if in_dcg_step["on"] else "backward.diffusion"):
             loss.backward()
     module.manual_backward = backward  # type: ignore[method-assign]
     clip = module.clip_gradients
@@ -214,7 +220,8 @@ def profile_training(size: int, batch: int, args: argparse.Namespace) -> dict[st
 
     prof = run_profiled(fn, args.warmup, args.repeats)
     return summarise(prof, TRAIN_LABELS, batch * args.repeats) | {
-        "case": "joint training step (DiffMICModule.training_step)", "size": size, "batch": batch,
+        "case": "diffusion-phase training step (DiffMICModule.training_step, DCG "
+                + ("trained jointly)" if cfg.train.joint_train else "frozen)"), "size": size, "batch": batch,
         "feature_dim": cfg.model.feature_dim, "noise_draws": cfg.train.noise_draws,
         "denoiser_params": sum(p.numel() for p in model.denoiser.parameters())}
 

@@ -198,14 +198,21 @@ def test_speed_quick_plan() -> None:
 def test_profile_modules_smoke(tmp_path: Path, keep_threads: None) -> None:
     prof = load_benchmark("profile_modules")
     out, md = tmp_path / "prof.json", tmp_path / "prof.md"
-    rc = prof.main(["--sizes", "28", "--backbone", "test_resnet", "--set", "model.feature_dim=16", "--set",
-                    "diffusion.sampling_steps=2", "--batch", "2", "--samples", "1", "3", "--repeats", "1",
-                    "--threads", "1", "--out", str(out), "--md", str(md)])
+    common = ["--sizes", "28", "--backbone", "test_resnet", "--set", "model.feature_dim=16", "--set",
+              "diffusion.sampling_steps=2", "--batch", "2", "--repeats", "1", "--threads", "1", "--md", str(md)]
+    # the DCG frozen (the RetinaMNIST preset): one backward per step, no DCG step
+    rc = prof.main([*common, "--set", "train.joint_train=false", "--samples", "1", "--out", str(out)])
+    assert rc == 0
+    frozen = json.loads(out.read_text())["cases"][-1]
+    assert frozen["case"].endswith("DCG frozen)")
+    assert "backward.diffusion" in frozen["parts"] and not {"dcg.step", "backward.dcg"} & set(frozen["parts"])
+    rc = prof.main([*common, "--set", "train.joint_train=true", "--samples", "1", "3", "--out", str(out)])
     assert rc == 0
     cases = json.loads(out.read_text())["cases"]
     assert [c["case"].split(",")[0] for c in cases] == [
         "plain test_resnet classifier", "inference", "inference", "plain test_resnet classifier",
-        "joint training step (DiffMICModule.training_step)"]
+        "diffusion-phase training step (DiffMICModule.training_step"]
+    assert cases[4]["case"].endswith("DCG trained jointly)")
     infer = cases[1]["parts"]
     assert {"dcg", "dcg.global", "dcg.roi", "dcg.local", "encoder", "mlp", "sampler"} <= set(infer)
     assert infer["mlp"]["calls"] == 2 and 0 < infer["dcg.global"]["share"] < 1
