@@ -98,10 +98,13 @@ class EpochLines(L.Callback):
         if not trainer.is_global_zero:
             return
         m = {k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
-        phase = "DCG pre-training" if getattr(module, "pretraining", False) else "joint"
+        pretraining = getattr(module, "pretraining", False)
+        frozen = not pretraining and not getattr(getattr(getattr(module, "cfg", None), "train", None),
+                                                 "joint_train", True)
+        phase = "DCG pre-training" if pretraining else "diffusion, DCG frozen" if frozen else "joint"
         parts = [f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs} ({phase})"]
         for key, label in (("train/loss", "loss"), ("train/dcg_loss", "DCG loss")):
-            if key in m:
+            if key in m and not (frozen and key == "train/dcg_loss"):  # a frozen DCG's is the last pre-training one
                 parts.append(f"{label} {m[key]:.4f}")
         select = getattr(getattr(getattr(module, "cfg", None), "train", None), "select_metric", "acc")
         for key, label in ((f"val/{select}", f"val {select}"), (f"val/dcg_{select}", f"val DCG {select}")):
