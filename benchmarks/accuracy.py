@@ -246,15 +246,22 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 MERGE_KEYS = ("config", "overrides", "quick", "epochs", "diffmic_split", "warmup_fraction", "max_train",
-              "select_metric", "eval_samples")
+              "select_metric", "eval_samples", "resolved_config")
+
+
+def _key(run: dict[str, Any]) -> tuple[str, int, str]:
+    return run["dataset"], run["seed"], _row(run)
 
 
 def merge_results(result: dict[str, Any], paths: list[Path]) -> None:
     """Add to ``result`` the finished runs of other result files (``--render --merge``).
 
-    Only files made with the same budget and settings (``MERGE_KEYS``) merge; a (dataset, seed, row)
-    already in ``result`` is kept and the other file's copy left out. Each added run records the file
-    it came from, and ``result["run"]["merged"]`` the command and commit of each file.
+    Only files made with the same budget and settings merge: ``MERGE_KEYS`` (the resolved config
+    included, so a preset edited in between does not mix) and the overrides of every row both files
+    have. A finished (dataset, seed, row) already in ``result`` is kept and the other file's copy left
+    out; a failed one is replaced. Each added run records the file it came from, and
+    ``result["run"]["merged"]`` the command and commit of each file (once per file, however often it
+    is merged). Raises ``ValueError`` with a one-line reason.
     """
     for path in paths:
         if not path.is_file():
@@ -265,25 +272,38 @@ def merge_results(result: dict[str, Any], paths: list[Path]) -> None:
             raise ValueError(f"--merge: {path}: not a readable result file ({type(exc).__name__})") from None
         if other.get("benchmark") != "accuracy":
             raise ValueError(f"--merge: {path}: not an accuracy benchmark result")
-        differ = [k for k in MERGE_KEYS if other["settings"].get(k) != result["settings"].get(k)]
-        if differ:
-            raise ValueError(f"--merge: {path}: made with different settings ({', '.join(differ)}); render it "
-                             "as its own section instead")
-        have = {(r["dataset"], r["seed"], _row(r)) for r in result["runs"]}
-        added = [r | {"merged_from": path.name} for r in other["runs"]
-                 if "error" not in r and (r["dataset"], r["seed"], _row(r)) not in have]
-        result["runs"] += added
-        s = result["settings"]
-        for row in other["settings"].get("rows", []):
-            if row not in s["rows"]:
-                s["rows"].append(row)
-                s["row_overrides"][row] = other["settings"]["row_overrides"][row]
-        s["seeds"] = sorted(set(s["seeds"]) | set(other["settings"]["seeds"]))
-        s["train_images"] = other["settings"]["train_images"] | s["train_images"]
-        result["datasets"] = sorted(set(result["datasets"]) | set(other["datasets"]))
-        result["run"].setdefault("merged", []).append({
-            "file": path.name, "command": other["run"]["command"], "git_commit": other["run"].get("git_commit"),
-            "runs": len(added)})
+        try:
+            _merge_one(result, other, path.name)
+        except KeyError as exc:
+            raise ValueError(f"--merge: {path}: a result file without {exc}") from None
+
+
+def _merge_one(result: dict[str, Any], other: dict[str, Any], name: str) -> None:
+    s, o = result["settings"], other["settings"]
+    s_over, o_over = s.setdefault("row_overrides", {}), o.get("row_overrides", {})
+    differ = [k for k in MERGE_KEYS if o.get(k) != s.get(k)]
+    differ += [f"row_overrides of {r}" for r in sorted(set(s_over) & set(o_over)) if s_over[r] != o_over[r]]
+    if differ:
+        raise ValueError(f"--merge: {name}: made with different settings ({', '.join(differ)}); render it "
+                         "as its own section instead")
+    have = {_key(r) for r in result["runs"] if "error" not in r}
+    added = [r if "merged_from" in r else r | {"merged_from": name} for r in other["runs"]
+             if "error" not in r and _key(r) not in have]
+    replaced = {_key(r) for r in added}
+    result["runs"] = [r for r in result["runs"] if not ("error" in r and _key(r) in replaced)] + added
+    rows = s.setdefault("rows", list(METHODS))
+    for row in o.get("rows", METHODS):
+        if row not in rows:
+            rows.append(row)
+            s_over[row] = o_over.get(row, [])
+    s["seeds"] = sorted(set(s.get("seeds", [])) | set(o.get("seeds", [])))
+    s["train_images"] = o.get("train_images", {}) | s.get("train_images", {})
+    result["datasets"] = sorted(set(result.get("datasets", [])) | set(other.get("datasets", [])))
+    entry = {"file": name, "command": other["run"]["command"], "git_commit": other["run"].get("git_commit"),
+             "runs": sum(r.get("merged_from") == name for r in result["runs"])}
+    merged = [m for m in result["run"].get("merged", []) if m["file"] != name]
+    merged += [m for m in other["run"].get("merged", []) if m["file"] not in {x["file"] for x in merged}]
+    result["run"]["merged"] = [*merged, entry]
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -442,10 +462,10 @@ def main(argv: list[str] | None = None) -> int:
             except ValueError as exc:
                 print(f"accuracy: error: {exc}", file=sys.stderr)
                 return 2
-            result["summary"] = summarise(result["runs"])
+        result["summary"] = summarise(result["runs"])
+        if args.merge:
             common.write_json(out, result)
             print(f"[accuracy] merged {len(args.merge)} file(s) into {out}")
-        result["summary"] = summarise(result["runs"])
         if args.title:
             result["settings"]["title"] = args.title
         common.update_section(args.docs, args.section, markdown(result))

@@ -1,4 +1,4 @@
-"""Where the time goes: torch.profiler per module of DiffMIC inference and of the joint training step.
+"""Where the time goes: torch.profiler per module of DiffMIC inference and of the diffusion-phase training step.
 
 Random weights (speed only). For each size the shipped preset (28 px: ``configs/retinamnist.yaml``,
 224 px: ``configs/isic2018.yaml``) is built and run under ``torch.profiler`` with one labelled region
@@ -204,7 +204,8 @@ def profile_training(size: int, batch: int, args: argparse.Namespace) -> dict[st
     opt_d.step = _label(opt_d.step, "opt.denoiser")
     opt_g.step = _label(opt_g.step, "opt.dcg")
     module.ema.update = _label(module.ema.update, "ema")
-    def backward(loss: Any, *a: Any, **k: Any) -> None:  # the DCG step's own (absent when the DCG is frozen)
+
+    def backward(loss: Any, *a: Any, **k: Any) -> None:  # labelled by whether the DCG step is running
         with record_function("backward.dcg" if in_dcg_step["on"] else "backward.diffusion"):
             loss.backward()
     module.manual_backward = backward  # type: ignore[method-assign]

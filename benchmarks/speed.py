@@ -163,7 +163,7 @@ def plan_quick(args: argparse.Namespace) -> list[dict]:
             add("train_classifier", f"train step: plain {reference} classifier (reference)",
                 classifier_backbone=reference)
             what = "diffusion + DCG CE" if preset.train.joint_train else "diffusion, DCG frozen"
-            add("train_joint", f"train step: preset joint DiffMIC ({what})", preset_default=True)
+            add("train_joint", f"train step: preset DiffMIC diffusion phase ({what})", preset_default=True)
             if not preset.model.share_encoder:
                 add("train_joint", "train step: preset + model.share_encoder=true",
                     extra_overrides=["model.share_encoder=true"])
@@ -402,7 +402,7 @@ def quick_targets(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 t["chains16"])
         joint = next((r for r in ok if r["kind"] == "train_joint" and r.get("preset_default")), None)
         if joint:
-            row(f"preset joint training step ≤ {t['train']}× plain {QUICK_REFERENCE} training step", size,
+            row(f"preset diffusion-phase training step ≤ {t['train']}× plain {QUICK_REFERENCE} training step", size,
                 joint["ratio_to_classifier"], t["train"])
         joint_shared = next((r for r in ok if r["kind"] == "train_joint" and r.get("extra_overrides")), None)
         if joint_shared:

@@ -71,3 +71,40 @@ def test_render_merge_rewrites_the_file_and_the_section(parts: dict) -> None:
     rc = accuracy.main(["--data-dir", str(data), "--out", str(out), "--docs", str(docs), "--render",
                         "--merge", str(tmp / "nope.json")])
     assert rc == 2
+
+
+def test_merge_refuses_an_edited_preset_or_row(parts: dict) -> None:
+    accuracy = load_benchmark("accuracy")
+    other = json.loads(parts["other"].read_text())
+    other["settings"]["resolved_config"]["train"]["joint_train"] = False  # the preset file was edited between
+    parts["other"].write_text(json.dumps(other))
+    with pytest.raises(ValueError, match="resolved_config"):
+        accuracy.merge_results(copy.deepcopy(parts["main"]), [parts["other"]])
+    other = split(parts["full"], {"dcg_init", "diffmic"})
+    other["settings"]["row_overrides"]["diffmic"] = ["train.noise_draws=1"]  # same row name, other row
+    parts["other"].write_text(json.dumps(other))
+    with pytest.raises(ValueError, match="row_overrides of diffmic"):
+        accuracy.merge_results(parts["main"], [parts["other"]])
+
+
+def test_a_failed_run_is_replaced_and_merging_twice_changes_nothing(parts: dict) -> None:
+    accuracy = load_benchmark("accuracy")
+    result = parts["main"]
+    failed = next(r for r in result["runs"] if r["row"] == "diffmic" and r["seed"] == 1)
+    result["runs"] = [r for r in result["runs"] if r is not failed] + [
+        {"dataset": failed["dataset"], "seed": 1, "method": "diffmic", "row": "diffmic", "error": "Killed"}]
+    accuracy.merge_results(result, [parts["other"]])
+    diffmic_1 = [r for r in result["runs"] if r["row"] == "diffmic" and r["seed"] == 1]
+    assert len(diffmic_1) == 1 and "error" not in diffmic_1[0] and diffmic_1[0]["merged_from"] == "other.json"
+    once = copy.deepcopy(result)
+    accuracy.merge_results(result, [parts["other"]])
+    assert result == once and [m["runs"] for m in result["run"]["merged"]] == [4]
+
+
+def test_merge_into_a_file_from_before_rows_existed(parts: dict) -> None:
+    accuracy = load_benchmark("accuracy")
+    result = parts["main"]
+    del result["settings"]["rows"], result["settings"]["row_overrides"]
+    accuracy.merge_results(result, [parts["other"]])
+    assert "dcg_init" in result["settings"]["rows"]
+    assert {r["row"] for r in result["runs"]} == {"diffmic", "classifier", "dcg_init"}

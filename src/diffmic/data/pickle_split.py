@@ -18,7 +18,7 @@ from diffmic.config import DataConfig
 from diffmic.data.base import DataBundle
 from diffmic.data.files import resolve_dir
 from diffmic.data.splits import read_file_layout
-from diffmic.errors import DataError
+from diffmic.errors import DataError, first_line
 
 
 class RestrictedUnpickler(pickle.Unpickler):
@@ -54,7 +54,7 @@ def safe_load_pickle(path: Path) -> Any:
         raise
     except Exception as exc:  # noqa: BLE001 - corrupt pickles raise many types (UnpicklingError, EOFError, ...)
         raise DataError(
-            f"{path}: corrupt or unsupported pickle ({type(exc).__name__}: {exc})"
+            f"{path}: corrupt or unsupported pickle ({first_line(exc)})"
         ) from None
 
 

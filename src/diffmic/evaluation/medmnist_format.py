@@ -22,7 +22,7 @@ import numpy as np
 from diffmic._io import atomic_write_text
 from diffmic.data.base import DataBundle
 from diffmic.data.medmnist_info import medmnist_info, parse_flag
-from diffmic.errors import ConfigError, DataError
+from diffmic.errors import ConfigError, DataError, first_line
 
 
 @dataclass
@@ -195,7 +195,7 @@ def _evaluate_with_medmnist(flag: str, size: int, split: str, y_score: np.ndarra
         metrics = Evaluator(flag, split, size=size, root=str(root)).evaluate(y_score)
     except Exception as exc:  # noqa: BLE001 - medmnist's own failure, reported in one line
         raise DataError(f"medmnist.Evaluator failed on {flag} {split} under {root}: "
-                        f"{type(exc).__name__}: {str(exc).strip()[:200]}") from None
+                        f"{first_line(exc, 200)}") from None
     return float(metrics.ACC), float(metrics.AUC)
 
 
