@@ -161,7 +161,7 @@ def run(args: argparse.Namespace, work: Path, threads: int) -> dict[str, Any]:
     from diffmic import load_model
     from diffmic.cli import main as cli_main
     from diffmic.images import load_image
-    from diffmic.prediction import predict_files, predictions_csv
+    from diffmic.prediction import for_inference, predict_files, predictions_csv
 
     source = np.load(args.data)[f"{args.split}_images"]
     tic = time.perf_counter()
@@ -195,7 +195,7 @@ def run(args: argparse.Namespace, work: Path, threads: int) -> dict[str, Any]:
     model = load_model(ckpt)
     for i in range(args.repeats + 1):  # the first is a warm-up
         t0 = time.perf_counter()
-        model = load_model(ckpt)
+        model = for_inference(load_model(ckpt))  # as the command: --engine auto
         t1 = time.perf_counter()
         marks: list[float] = []
         details = predict_files(model, paths, samples=args.samples, seed=0, batch_size=args.batch_size,

@@ -15,9 +15,9 @@ after warm-up, reported as ms/img and as a ratio to the plain classifier of the 
 ``--quick`` (at most 10 minutes on 2 cores) measures, at 28 px with ``configs/retinamnist.yaml`` and at
 224 px with ``configs/isic2018.yaml``: a plain ResNet-18 classifier (the reference of every ratio) and
 a plain classifier of the preset's own backbone where it differs; the preset's inference as
-``diffmic predict`` runs it by default (``predict_details``, the preset's readout, ``--samples 1``),
-the same with 16 and 100 chains, the same through the inference-only copy of
-``DiffMIC.fuse_for_inference`` (BatchNorm folded, channels-last); and the training steps of the
+``diffmic predict`` runs it by default (``predict_details``, the preset's readout, ``--samples 1``,
+``--engine auto``: BatchNorm folded by ``DiffMIC.fuse_for_inference`` above 64 px), the same with 16 and
+100 chains, the same with the other engine; and the training steps of the
 classifier and of the preset (``DiffMICModule.training_step``). The preset's default inference case
 and its joint training step carry ``"preset_default": true`` beside ``ratio_to_classifier``.
 """
@@ -67,7 +67,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--full", action="store_true", help="also 1000 steps at sizes > 64 and the 250-step reference")
     p.add_argument("--quick", action="store_true",
                    help="the shipped presets (28 px: configs/retinamnist.yaml, 224 px: configs/isic2018.yaml) against "
-                   "a plain ResNet-18: predict's default inference, 16 and 100 chains, the fused inference copy and "
+                   "a plain ResNet-18: predict's default inference, 16 and 100 chains, the other --engine and "
                    "the joint training step (ignores --config, --sizes, --steps, --ref-steps, --samples)")
     p.add_argument("--chains", nargs="+", type=int, default=[16, 100],
                    help="--quick: chain counts measured beside predict's default (--samples 1)")
@@ -129,6 +129,7 @@ def plan(args: argparse.Namespace, default_steps: int, timesteps: int, backbone:
 def plan_quick(args: argparse.Namespace) -> list[dict]:
     """``--quick``: per size, the reference classifiers, the preset's inference and training cases."""
     from diffmic.config import DiffMICConfig
+    from diffmic.prediction import FUSED_ABOVE_PX
 
     cases = []
     for size, config in QUICK_PRESETS.items():
@@ -148,17 +149,19 @@ def plan_quick(args: argparse.Namespace) -> list[dict]:
             add("infer_backbone_classifier", f"plain {backbone} classifier (the preset's DCG backbone)",
                 classifier_backbone=backbone)
         what = f"{readout}, {preset.diffusion.sampler} {steps} steps"
-        add("infer_preset", f"preset as `diffmic predict` runs it ({what}, --samples 1)", samples=1, engine="eager",
-            preset_default=True)
+        engine = "fused" if size > FUSED_ABOVE_PX else "eager"  # predict's --engine auto at this size
+        add("infer_preset", f"preset as `diffmic predict` runs it ({what}, --samples 1, engine {engine})", samples=1,
+            engine=engine, preset_default=True)
         for n in args.chains:
             batch = base["batch"] if n * base["batch"] * preset.model.feature_dim <= 16 * 16 * 6144 else \
                 max(1, 16 * 16 * 6144 // (n * preset.model.feature_dim))  # the big MLP at 100 chains: fewer images
-            add("infer_preset", f"preset, --samples {n} ({what})", samples=n, engine="eager", batch=batch)
-        add("infer_preset", "preset, fused inference copy (`DiffMIC.fuse_for_inference`), --samples 1",
-            samples=1, engine="fused")
+            add("infer_preset", f"preset, --samples {n} ({what}, engine {engine})", samples=n, engine=engine,
+                batch=batch)
+        other = "eager" if engine == "fused" else "fused"
+        add("infer_preset", f"preset, --engine {other}, --samples 1", samples=1, engine=other, other_engine=True)
         if not preset.model.share_encoder:  # what flipping the accuracy-dependent switch would buy
-            add("infer_preset", "preset + model.share_encoder=true, --samples 1", samples=1, engine="eager",
-                extra_overrides=["model.share_encoder=true"])
+            add("infer_preset", f"preset + model.share_encoder=true, --samples 1, engine {engine}", samples=1,
+                engine=engine, extra_overrides=["model.share_encoder=true"])
         if not args.no_train:
             add("train_classifier", f"train step: plain {reference} classifier (reference)",
                 classifier_backbone=reference)
@@ -215,6 +218,7 @@ def run_case(spec: dict[str, Any]) -> dict[str, Any]:
 
     from diffmic.diffusion.sampling import sample
     from diffmic.models.factory import build_model
+    from diffmic.prediction import for_inference
     from diffmic.training.baseline import ClassifierModule
 
     cfg = build_cfg(spec)
@@ -230,8 +234,7 @@ def run_case(spec: dict[str, Any]) -> dict[str, Any]:
     if kind == "infer_preset":  # what `diffmic predict` calls, on one batch of [0, 1] images
         model = build_model(cfg, **margs).eval()
         params = sum(p.numel() for p in model.parameters())
-        if spec["engine"] == "fused":
-            model = model.fuse_for_inference()  # channels-last above 64 px
+        model = for_inference(model, spec.get("engine", "eager"))  # as `diffmic predict --engine` (fused: in place)
         x01 = images.float() / 255.0
         samples = spec["samples"]
 
@@ -387,16 +390,16 @@ def quick_targets(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if default:
             row(f"preset inference (predict's default) ≤ {t['infer']}× plain {QUICK_REFERENCE}", size,
                 default["ratio_to_classifier"], t["infer"])
-        fused = next((r for r in ok if r["kind"] == "infer_preset" and r.get("engine") == "fused"), None)
-        if fused:
-            row(f"the same, fused inference copy ≤ {t['infer']}× plain {QUICK_REFERENCE}", size,
-                fused["ratio_to_classifier"], t["infer"])
+        other = next((r for r in ok if r["kind"] == "infer_preset" and r.get("other_engine")), None)
+        if other:
+            row(f"the same, --engine {other['engine']} ≤ {t['infer']}× plain {QUICK_REFERENCE}", size,
+                other["ratio_to_classifier"], t["infer"])
         shared = next((r for r in ok if r["kind"] == "infer_preset" and r.get("extra_overrides")), None)
         if shared:
             row(f"the same with model.share_encoder=true ≤ {t['infer']}× plain {QUICK_REFERENCE}", size,
                 shared["ratio_to_classifier"], t["infer"])
         chains = next((r for r in ok if r["kind"] == "infer_preset" and r.get("samples") == 16
-                       and r.get("engine") == "eager" and not r.get("extra_overrides")), None)
+                       and not r.get("other_engine") and not r.get("extra_overrides")), None)
         if chains:
             row(f"16 chains ≤ {t['chains16']}× predict's default", size, chains.get("ratio_to_one_chain"),
                 t["chains16"])

@@ -106,3 +106,31 @@ def tiny_checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("ckpt") / "model.pt"
     save_model(model, path)
     return path, data
+
+
+def bn_model(backbone="test_resnet", extra=(), num_classes=4, in_chans=3, image_size=28):
+    """A tiny model whose BatchNorm statistics and affine weights are away from their defaults
+    (a few train-mode passes): folding them is then a real test."""
+    from torch import nn
+
+    from diffmic.config import DiffMICConfig
+    from diffmic.models import build_model
+
+    torch.manual_seed(0)
+    cfg = DiffMICConfig.from_yaml(None, [
+        "data.path=x", f"model.backbone={backbone}", f"model.denoiser_backbone={backbone}", "model.feature_dim=32",
+        "diffusion.timesteps=50", "diffusion.sampling_steps=4", "eval.readout=mean_path", *extra])
+    model = build_model(cfg, num_classes=num_classes, in_chans=in_chans, image_size=image_size)
+    model.train()  # a few train-mode passes: BatchNorm statistics and affine weights away from their defaults
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d | nn.BatchNorm1d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+                m.momentum = 0.5
+        for _ in range(2):
+            x = torch.randn(6, in_chans, image_size, image_size)
+            g = model.guidance(x)
+            model.denoiser.denoise(model.encode(x, g), torch.randn(6, num_classes), g.logits.softmax(1),
+                                   torch.arange(6))
+    return model.eval()

@@ -7,7 +7,7 @@ starts faster.
     from diffmic import load_model
     from diffmic.prediction import expand_images, predict_files, predictions_csv
 
-    model = load_model("runs/retinamnist/model.pt")
+    model = for_inference(load_model("runs/retinamnist/model.pt"))  # engine "auto"
     paths, notes = expand_images([Path("scans/")])
     details = predict_files(model, paths, samples=16)
     csv_text = predictions_csv([str(p) for p in paths], [details], model.class_names)
@@ -24,7 +24,36 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from diffmic.errors import DataError, DiffMICError
+from diffmic.errors import ConfigError, DataError, DiffMICError
+
+ENGINES = ("auto", "eager", "fused")
+FUSED_ABOVE_PX = 64  # "auto" folds BatchNorm above this image size (docs/speed.md: measured gain at 224 px)
+
+
+def resolve_engine(model, engine: str = "auto") -> str:
+    """The engine ``engine`` stands for with this model: ``"eager"`` or ``"fused"``.
+
+    ``"fused"`` is :meth:`DiffMIC.fuse_for_inference` (BatchNorm folded into the layers before it, the
+    same function to float rounding: parity-tested at 1e-5); ``"auto"`` picks it for images larger
+    than ``FUSED_ABOVE_PX`` pixels, where it measured clearly faster, and eager below, where the
+    measurements disagree (docs/speed.md).
+    """
+    if engine not in ENGINES:
+        raise ConfigError(f"unknown engine {engine!r} (choose one of: {', '.join(ENGINES)})")
+    if engine == "auto":
+        return "fused" if model.image_size > FUSED_ABOVE_PX else "eager"
+    return engine
+
+
+def for_inference(model, engine: str = "auto"):
+    """``model`` ready for prediction with ``engine`` (:func:`resolve_engine`).
+
+    With the fused engine, BatchNorm is folded into ``model`` itself (no second copy in memory):
+    pass a model loaded only to predict; it can no longer be trained or saved.
+    """
+    if resolve_engine(model, engine) == "fused" and not model.inference_only:
+        return model.fuse_for_inference(inplace=True)
+    return model.eval()
 
 
 def expand_images(items: list[Path], recursive: bool) -> tuple[list[Path], list[str]]:

@@ -165,11 +165,13 @@ def test_speed_quick_smoke(tmp_path: Path, keep_threads: None) -> None:
         marked = [r for r in rows if r["preset_default"]]
         assert sorted(r["kind"] for r in marked) == ["infer_preset", "train_joint"]
         default = next(r for r in marked if r["kind"] == "infer_preset")
-        assert default["samples"] == 1 and default["engine"] == "eager" and default["readout"] == readout
+        engine, other = ("eager", "fused") if size == 28 else ("fused", "eager")  # predict's --engine auto
+        assert default["samples"] == 1 and default["engine"] == engine and default["readout"] == readout
         assert default["ratio_to_one_chain"] == 1.0
         kinds = {(r["kind"], r.get("samples"), r.get("engine")) for r in rows}
-        assert {("infer_classifier", None, None), ("infer_preset", 3, "eager"), ("infer_preset", 1, "fused"),
+        assert {("infer_classifier", None, None), ("infer_preset", 3, engine), ("infer_preset", 1, other),
                 ("train_classifier", None, None)} <= kinds
+        assert [r["engine"] for r in rows if r.get("other_engine")] == [other]
         shared = [r for r in rows if r.get("extra_overrides") == ["model.share_encoder=true"]]
         assert sorted(r["kind"] for r in shared) == ["infer_preset", "train_joint"]
         assert all(r["share_encoder"] for r in shared) and not default["share_encoder"]

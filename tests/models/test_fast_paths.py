@@ -12,38 +12,17 @@ import copy
 
 import pytest
 import torch
+from conftest import bn_model as make_model
 from torch import nn
 
 from diffmic import save_model
-from diffmic.config import DiffMICConfig
 from diffmic.errors import CheckpointError
-from diffmic.models import DiffMIC, build_model
+from diffmic.models import DiffMIC
 from diffmic.models.backbones import FeatureMap, fuse_conv_bn
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 TOL = {"rtol": 1e-5, "atol": 1e-5}  # float32 parity of a fast path
-
-
-def make_model(backbone="test_resnet", extra=(), num_classes=4, in_chans=3, image_size=28) -> DiffMIC:
-    torch.manual_seed(0)
-    cfg = DiffMICConfig.from_yaml(None, [
-        "data.path=x", f"model.backbone={backbone}", f"model.denoiser_backbone={backbone}", "model.feature_dim=32",
-        "diffusion.timesteps=50", "diffusion.sampling_steps=4", "eval.readout=mean_path", *extra])
-    model = build_model(cfg, num_classes=num_classes, in_chans=in_chans, image_size=image_size)
-    model.train()  # a few train-mode passes: BatchNorm statistics and affine weights away from their defaults
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d | nn.BatchNorm1d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.2, 0.2)
-                m.momentum = 0.5
-        for _ in range(2):
-            x = torch.randn(6, in_chans, image_size, image_size)
-            g = model.guidance(x)
-            model.denoiser.denoise(model.encode(x, g), torch.randn(6, num_classes), g.logits.softmax(1),
-                                   torch.arange(6))
-    return model.eval()
 
 
 def images(n=3, c=3, size=28, seed=1):
@@ -160,6 +139,20 @@ def test_fused_copy_user_api_and_refuses_saving(tmp_path):
     with pytest.raises(CheckpointError, match="inference-only"):
         save_model(fused, tmp_path / "m.pt")
     assert not (tmp_path / "m.pt").exists()
+
+
+def test_fuse_in_place_folds_the_model_itself():
+    model = make_model()
+    eager = copy.deepcopy(model)
+    x = images(4)
+    fused = model.fuse_for_inference(inplace=True)
+    assert fused is model and model.inference_only and not eager.inference_only
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in model.guidance.global_net.modules())
+    assert any(isinstance(m, nn.BatchNorm2d) for m in eager.guidance.global_net.modules())
+    for a, b in zip(_all_outputs(model, x, 3), _all_outputs(eager, x, 3), strict=True):
+        torch.testing.assert_close(a, b, **TOL)
+    with pytest.raises(RuntimeError, match="inference-only"):
+        model.train()
 
 
 class _NormAfterAct(nn.Module):

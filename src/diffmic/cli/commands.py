@@ -122,12 +122,12 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 def _cmd_predict(args: argparse.Namespace) -> int:
     from diffmic import load_model
-    from diffmic.prediction import expand_images, predict_files, predictions_csv
+    from diffmic.prediction import expand_images, for_inference, predict_files, predictions_csv
 
     paths, notes = expand_images(args.images, args.recursive)
     if args.out:
         check_output_file(args.out, ConfigError, [*paths, args.checkpoint])
-    model = load_model(args.checkpoint)
+    model = for_inference(load_model(args.checkpoint), args.engine)
 
     def print_notes() -> None:  # once the images are read: a bad image's error stays one line
         for note in notes:

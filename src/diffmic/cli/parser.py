@@ -103,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--seed", type=int, default=0)
     pr.add_argument("--batch-size", type=positive_int, default=256,
                     help="images per model call (default 256; lower it to use less memory)")
+    pr.add_argument("--engine", choices=["auto", "eager", "fused"], default="auto",
+                    help="fused: BatchNorm folded into the layers before it (same outputs to float rounding); "
+                         "auto (default): fused above 64 px, eager at and below")
     pr.add_argument("--out", type=Path, help="write a CSV here (default: stdout)")
 
     x = add("explain", "Save a figure per image: ROI crops with attention weights, the predicted class's "

@@ -250,7 +250,8 @@ class DiffMIC(nn.Module):
                                "into the weights); train the model it was made from")
         return super().train(mode)
 
-    def fuse_for_inference(self, *, channels_last: bool | None = None, check: bool = True) -> DiffMIC:
+    def fuse_for_inference(self, *, channels_last: bool | None = None, check: bool = True,
+                           inplace: bool = False) -> DiffMIC:
         """An inference-only copy with every BatchNorm folded into the layer before it.
 
         The backbones' ``Conv2d`` + ``BatchNorm2d`` pairs (:func:`~diffmic.models.backbones.fuse_conv_bn`)
@@ -267,10 +268,13 @@ class DiffMIC(nn.Module):
             check: compare every folded backbone with its original on a random batch and keep the
                 original where they differ by more than 1e-4 relative (a backbone whose
                 ``forward`` does not apply ``bnN`` right after ``convN``).
+            inplace: fold into ``self`` and return it instead of a copy (half the peak memory, for a
+                model loaded only to predict: ``diffmic predict`` does this); ``self`` becomes the
+                inference-only model.
         """
         if channels_last is None:
             channels_last = self.image_size > 64
-        fused = copy.deepcopy(self).eval().requires_grad_(False)
+        fused = (self if inplace else copy.deepcopy(self)).eval().requires_grad_(False)
         nets = [(fused.guidance, "global_net", self.image_size)]
         if fused.guidance.local_net is not None:  # None without the local branch (model.local_branch=false)
             nets.append((fused.guidance, "local_net", fused.guidance.crop_size))
