@@ -41,7 +41,7 @@ ALLOWED: dict[str, set[str]] = {
     "export": BASE | {"diffusion", "models", "images"},
     "prediction": BASE | {"images", "models"},  # predict/explain on files: no evaluation (torchmetrics)
     "training": BASE | {"config", "data", "diffusion", "evaluation", "models", "runs"},
-    "app": BASE | {"__init__", "images", "models", "evaluation"},
+    "app": BASE | {"__init__", "images", "models", "evaluation", "prediction"},
 }
 FACE = {"cli", "__init__", "__main__"}  # the package face may import every part
 

@@ -423,8 +423,9 @@ def launch(checkpoint: str | Path, *, host: str = DEFAULT_HOST, port: int = DEFA
         raise ConfigError(f"--max-upload-mb must be > 0, got {max_upload_mb}")
     gr = require_gradio()  # before the (slow) model load: a missing extra fails at once
     from diffmic import load_model
+    from diffmic.prediction import for_inference
 
-    model = load_model(checkpoint)
+    model = for_inference(load_model(checkpoint))  # as `diffmic predict --engine auto`
     referral = resolve_referral(checkpoint, model, threshold=threshold, coverage=coverage, calibration=calibration,
                                 samples=samples, seed=seed)
     print(referral.describe(), flush=True)
