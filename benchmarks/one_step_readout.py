@@ -10,7 +10,15 @@ For each ``model.pt`` and split (the model's own data set), ACC and macro AUROC 
   (:meth:`CardSchedule.predict_y0`). For an ideal
   denoiser at t = T − 1 this is the class posterior E[y_0 | x] (Tweedie), but errors of ε̂ are
   multiplied by √((1 − ᾱ_t)/ᾱ_t) (about 156 at t = 999 on the linear schedule); smaller t trade
-  that amplification for a bias towards the prior's class.
+  that amplification for a bias towards the prior's class;
+* ``vote_random_<N>`` / ``vote_qmc_<N>``: the fraction of ``N`` deterministic chains (DDIM, η = 0) that end
+  in each class, started from N(ŷ, I) with random noise (fixed seed) or with the same ``N`` scrambled
+  Sobol points mapped through the normal quantile for every image (quasi-Monte Carlo); and
+  ``mean_qmc_<N>``: the mean of softmax(y_0 / T) over the QMC chains. For an ideal denoiser the
+  deterministic path from the centre ŷ ends at the class the starting-noise mass favours (the reverse
+  flow maps quantiles to quantiles), so its softmax keeps little ranking information, while the
+  fraction of chains per class estimates the class posterior; QMC removes most of the random-noise
+  readouts' sampling error at the same cost.
 
 All probabilities are softmax(y_0 / ``--temperature``); AUROC of a binary task does not depend on it.
 Read the test columns as a diagnosis only: choose anything on the val columns.
@@ -38,13 +46,48 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--timesteps", nargs="+", type=int, default=list(DEFAULT_TIMESTEPS),
                    help="t of the one-step readouts (0-based, < diffusion.timesteps)")
     p.add_argument("--chains", type=int, default=32, help="stochastic chains of chains_mean_y0")
+    p.add_argument("--vote-chains", nargs="*", type=int, default=[16, 64],
+                   help="N of the vote_random / vote_qmc / mean_qmc readouts (none: leave them out)")
     p.add_argument("--temperature", type=float, default=0.1)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, help="JSON file to write")
     return p.parse_args(argv)
 
 
-def readouts(model, images, labels, *, timesteps, chains: int, temperature: float) -> dict[str, dict[str, float]]:
+def qmc_normal(n: int, dim: int, *, seed: int = 0):
+    """``n`` scrambled Sobol points of N(0, I_dim): (n, dim)."""
+    import torch
+
+    u = torch.quasirandom.SobolEngine(dim, scramble=True, seed=seed).draw(n, dtype=torch.float64)
+    return torch.special.ndtri(u.clamp(1e-6, 1 - 1e-6)).float()
+
+
+def chain_y0(model, feats, prior, noise):
+    """y_0 (N, B, C) of deterministic DDIM chains started at ŷ + noise[s] for each of the N rows of ``noise``
+    (shared by every image) or, with ``noise`` of shape (N, B, C), per image."""
+    import torch
+
+    from diffmic.diffusion.sampling import sample_ddim
+
+    n = noise.shape[0]
+    b, c = prior.shape
+    start = (noise.unsqueeze(1).expand(n, b, c) if noise.dim() == 2 else noise).reshape(n * b, c)
+    feats_all, prior_all = feats.repeat(n, 1), prior.repeat(n, 1)
+    with torch.no_grad():
+        y0 = sample_ddim(model.schedule, lambda y_t, t: model.denoiser.denoise(feats_all, y_t, prior_all, t),
+                         prior_all, model.sampling_steps, eta=0.0, noise=start)
+    return y0.view(n, b, c)
+
+
+def vote_fractions(y0):
+    """(N, B, C) -> (B, C): the fraction of chains whose argmax is each class."""
+    import torch.nn.functional as F
+
+    return F.one_hot(y0.argmax(-1), y0.shape[-1]).float().mean(0)
+
+
+def readouts(model, images, labels, *, timesteps, chains: int, temperature: float,
+             vote_chains=()) -> dict[str, dict[str, float]]:
     import torch
 
     from diffmic.evaluation.metrics import classification_metrics
@@ -68,6 +111,14 @@ def readouts(model, images, labels, *, timesteps, chains: int, temperature: floa
             tv = torch.full((prior.shape[0],), t, dtype=torch.long)
             eps = model.denoiser.denoise(feats, prior, prior, tv)
             out[f"one_step_{t}"] = y0_score(model.schedule.predict_y0(prior, prior, tv, eps))
+        b, c = prior.shape
+        for n in vote_chains:
+            gen = torch.Generator().manual_seed(0)
+            out[f"vote_random_{n}"] = score(vote_fractions(chain_y0(model, feats, prior,
+                                                                    torch.randn(n, b, c, generator=gen))))
+            y0 = chain_y0(model, feats, prior, qmc_normal(n, c))
+            out[f"vote_qmc_{n}"] = score(vote_fractions(y0))
+            out[f"mean_qmc_{n}"] = score((y0 / temperature).softmax(-1).mean(0))
     return out
 
 
@@ -98,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
             d = getattr(data, split)
             images = torch.from_numpy(d.images).permute(0, 3, 1, 2).float() / 255.0
             per_split[split] = readouts(model, images, torch.from_numpy(d.labels).long(), timesteps=args.timesteps,
-                                        chains=args.chains, temperature=args.temperature)
+                                        chains=args.chains, temperature=args.temperature,
+                                        vote_chains=args.vote_chains)
         result["models"][str(path)] = per_split
         cols = list(next(iter(per_split.values())))
         print(f"{path}")
