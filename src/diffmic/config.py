@@ -143,6 +143,7 @@ class EvalConfig:
     readout: str = "mean_softmax"  # mean_path | vote | mean_softmax (diffmic.diffusion.readout)
     temperature: float = 0.1  # softmax temperature on y0 (see the readout)
     fit_temperature: bool = False  # mean_path: replace the temperature by one fitted on val after training
+    chain_noise: str = "random"  # random | qmc: DDIM chains start noise (diffusion.sampling.chain_start_noise)
     seed: int = 0
 
 
@@ -218,6 +219,7 @@ class DiffMICConfig:
         _choice("train.dcg_schedule", t.dcg_schedule, ("constant", "warmup_cosine"))
         _choice("train.logger", t.logger, ("csv", "tensorboard"))
         _choice("eval.readout", e.readout, ("mean_path", "vote", "mean_softmax"))
+        _choice("eval.chain_noise", e.chain_noise, ("random", "qmc"))
         _choice("model.roi_saliency", m.roi_saliency, ("class_sum", "top_class", "prior_weighted"))
         _choice("train.denoiser_encoder_init", t.denoiser_encoder_init, ("random", "dcg"))
         if t.denoiser_encoder_init == "dcg":

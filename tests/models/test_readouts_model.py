@@ -97,3 +97,24 @@ def test_denoiser_dropout_is_active_in_training_only():
         torch.nn.init.normal_(m.denoiser.out.weight)  # make the MLP path visible in the output
         m.denoiser.train()
         assert not torch.equal(m.denoiser.denoise(feats, y, p, t), m.denoiser.denoise(feats, y, p, t))
+
+
+@torch.no_grad()
+def test_qmc_chain_noise_reaches_the_chains_on_both_paths():
+    m = make("eval.chain_noise=qmc", "eval.readout=mean_path")
+    assert m.chain_noise == "qmc"
+    x = m.normalize(images())
+    guide = m.guidance(x)
+    prior = guide.logits.softmax(1)
+    feats = m.encode(x, guide)
+    alone = m.sample_y0(feats, prior, samples=8, generator=torch.Generator().manual_seed(4))
+    with_path, path = m.run_chains(feats, prior, samples=8, path=True, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(with_path, alone)  # the chains riding with the mean path draw the same noise
+    assert torch.equal(path, prior)
+    # the untrained skip denoiser maps the start linearly, y_0 = ŷ + k·z: the same offsets for every image
+    off = alone - prior
+    torch.testing.assert_close(off, off[:, :1].expand_as(off), rtol=1e-4, atol=1e-5)
+    rnd = make("eval.readout=mean_path").sample_y0(feats, prior, samples=8, generator=torch.Generator().manual_seed(4))
+    assert not torch.allclose(rnd - prior, (rnd - prior)[:, :1].expand_as(rnd))  # i.i.d. draws differ per image
+    with pytest.raises(ConfigError):
+        DiffMICConfig.from_yaml(None, [*OVERRIDES, "eval.chain_noise=sobol"])

@@ -6,7 +6,9 @@ from __future__ import annotations
 from diffmic.diffusion.losses import antithetic_timesteps, diffmic_loss, eps_mse, gaussian_mmd
 from diffmic.diffusion.readout import READOUTS, readout_probs
 from diffmic.diffusion.sampling import (
+    CHAIN_NOISES,
     DenoiseFn,
+    chain_start_noise,
     ddim_timesteps,
     sample,
     sample_ancestral,
@@ -19,10 +21,12 @@ from diffmic.diffusion.uncertainty import class_intervals, predictive_entropy, v
 
 __all__ = [
     "BETA_SCHEDULES",
+    "CHAIN_NOISES",
     "READOUTS",
     "CardSchedule",
     "DenoiseFn",
     "antithetic_timesteps",
+    "chain_start_noise",
     "class_intervals",
     "ddim_timesteps",
     "diffmic_loss",

@@ -18,10 +18,40 @@ DenoiseFn = Callable[[Tensor, Tensor], Tensor]
 """``(y_t (B, C), t (B,) long) -> eps_hat (B, C)``."""
 
 SAMPLERS = ("ddim", "ancestral", "truncated")
+CHAIN_NOISES = ("random", "qmc")
 
 
 def _randn(like: Tensor, generator: torch.Generator | None) -> Tensor:
     return torch.randn(like.shape, generator=generator, device=like.device, dtype=like.dtype)
+
+
+def chain_start_noise(
+    samples: int,
+    batch: int,
+    classes: int,
+    *,
+    kind: str = "random",
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """Starting noise of ``samples`` chains for each of ``batch`` images: (samples·batch, classes), chain
+    s of image i at row s·batch + i.
+
+    ``random``: i.i.d. N(0, I) from ``generator`` (what :func:`sample_ddim` draws when given no noise).
+    ``qmc``: ``samples`` scrambled Sobol points mapped through the normal quantile, the same for every
+    image (quasi-Monte Carlo): each point is marginally N(0, I), and together they cover the Gaussian
+    evenly, so averages over the chains (votes, mean softmax, quantiles) have far less sampling error
+    than i.i.d. draws. The scrambling seed is drawn from ``generator``.
+    """
+    if kind == "random":
+        return torch.randn((samples * batch, classes), generator=generator, device=device, dtype=dtype)
+    if kind == "qmc":
+        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+        u = torch.quasirandom.SobolEngine(classes, scramble=True, seed=seed).draw(samples, dtype=torch.float64)
+        z = torch.special.ndtri(u.clamp(1e-7, 1 - 1e-7)).to(device=device, dtype=dtype)
+        return z.repeat_interleave(batch, dim=0)
+    raise ConfigError(f"unknown chain noise {kind!r}; choose from {list(CHAIN_NOISES)}")
 
 
 def _tvec(t: int, like: Tensor) -> Tensor:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diffmic.diffusion.readout import mean_softmax_probs, readout_probs
-from diffmic.diffusion.sampling import sample, sample_ddim, sample_mean_path
+from diffmic.diffusion.sampling import chain_start_noise, sample, sample_ddim, sample_mean_path
 from diffmic.diffusion.schedule import CardSchedule
 from diffmic.errors import DataError
 from diffmic.images import ImageSpec, to_batch, to_model_input
@@ -69,6 +69,8 @@ class DiffMIC(nn.Module):
         temperature: softmax temperature turning y_0 into probabilities.
         share_encoder: the denoiser embeds the DCG's pooled global features instead of the image.
         readout: ``mean_path`` | ``vote`` | ``mean_softmax`` (:mod:`diffmic.diffusion.readout`).
+        chain_noise: starting noise of the DDIM chains, ``random`` or ``qmc``
+            (:func:`~diffmic.diffusion.sampling.chain_start_noise`); the other samplers draw theirs at random.
         config: the resolved config the model was built from (``DiffMICConfig.to_dict()``), stored
             in checkpoints.
         image_spec: the preprocessing (:class:`~diffmic.images.ImageSpec`) every input goes through;
@@ -93,6 +95,7 @@ class DiffMIC(nn.Module):
         temperature: float = 0.1,
         share_encoder: bool = False,
         readout: str = "mean_softmax",
+        chain_noise: str = "random",
         config: dict[str, Any] | None = None,
         image_spec: ImageSpec | None = None,
     ) -> None:
@@ -109,6 +112,7 @@ class DiffMIC(nn.Module):
         self.temperature = temperature
         self.share_encoder = share_encoder
         self.readout = readout
+        self.chain_noise = chain_noise
         spec = ImageSpec(image_size, in_chans, False, tuple(mean), tuple(std))
         if image_spec is not None and (image_spec.size, image_spec.channels, image_spec.mean, image_spec.std) != (
             spec.size, spec.channels, spec.mean, spec.std
@@ -155,6 +159,12 @@ class DiffMIC(nn.Module):
         def denoise_fn(y_t: Tensor, t: Tensor) -> Tensor:
             return self.denoiser.denoise(feats_s, y_t, prior_s, t)
 
+        if (sampler or self.sampler) == "ddim" and self.chain_noise != "random":
+            noise = chain_start_noise(samples, b, prior.shape[1], kind=self.chain_noise, generator=generator,
+                                      device=prior.device, dtype=prior.dtype)
+            y0 = sample_ddim(self.schedule, denoise_fn, prior_s, num_steps or self.sampling_steps,
+                             eta=self.eta if eta is None else eta, generator=generator, noise=noise)
+            return y0.view(samples, b, -1)
         y0 = sample(
             self.schedule,
             denoise_fn,
@@ -196,8 +206,8 @@ class DiffMIC(nn.Module):
         steps = num_steps or self.sampling_steps
         if chains and path and (sampler or self.sampler) == "ddim" and self.eta == 0 and not self.denoiser.training:
             b, c = prior.shape
-            noise = torch.randn((samples * b, c), generator=generator, device=prior.device,
-                                dtype=prior.dtype)  # exactly what sample_ddim draws for the chains
+            noise = chain_start_noise(samples, b, c, kind=self.chain_noise, generator=generator, device=prior.device,
+                                      dtype=prior.dtype)  # random: exactly what sample_ddim draws for the chains
             feats_all, prior_all = feats.repeat(samples + 1, 1), prior.repeat(samples + 1, 1)
             y0 = sample_ddim(
                 self.schedule,

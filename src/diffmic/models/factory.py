@@ -78,6 +78,7 @@ def build_model(
         temperature=cfg.eval.temperature,
         share_encoder=m.share_encoder,
         readout=cfg.eval.readout,
+        chain_noise=cfg.eval.chain_noise,
         config=cfg.to_dict(),
         image_spec=image_spec or ImageSpec.for_format(
             cfg.data.format, size=image_size, channels=in_chans, mean=cfg.data.mean, std=cfg.data.std
