@@ -311,6 +311,7 @@ def markdown(result: dict[str, Any]) -> str:
     s, info = result["settings"], result["run"]
     commit = common.commit_label(info)
     d, j = s["diffmic_split"]
+    joint = s.get("resolved_config", {}).get("train", {}).get("joint_train", True)
     lines = [
         f"## {s.get('title') or 'Accuracy against baselines'}",
         "",
@@ -319,8 +320,10 @@ def markdown(result: dict[str, Any]) -> str:
         *[f"- Merged from `{m['file']}` ({m['runs']} run(s), commit {m['git_commit']}): `{m['command']}`"
           for m in info.get("merged", [])],
         "",
-        f"Budget: **{s['epochs']} epochs per method** (DiffMIC: {d} DCG pre-training + {j} joint). Backbone "
-        f"`{s['backbone']}` (DCG global/local and classifier), denoiser encoder `{s['denoiser_backbone']}`, "
+        f"Budget: **{s['epochs']} epochs per method** (DiffMIC: {d} DCG pre-training + {j} diffusion, the DCG "
+        f"{'trained jointly' if joint else 'frozen'} unless a row says otherwise). Backbone "
+        f"`{s['backbone']}` (DCG global/local and classifier), denoiser encoder `{s['denoiser_backbone']}` unless a "
+        f"row overrides it, "
         f"feature_dim {s['feature_dim']}, {s['sampler']} {s['sampling_steps']} steps, {s['eval_samples']} "
         f"sample(s). Selection on validation `{s['select_metric']}`; test split; mean ± sd over "
         f"{len(s['seeds'])} seed(s) {s['seeds']}. Training images: "
