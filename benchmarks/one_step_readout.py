@@ -4,7 +4,8 @@ For each ``model.pt`` and split (the model's own data set), ACC and macro AUROC 
 
 * ``prior``: the DCG prior;
 * ``mean_path``: the shipped deterministic DDIM path from the prior (``eval.sampling_steps`` steps);
-* ``chains_mean_y0``: softmax of the mean y_0 over ``--chains`` stochastic chains (fixed seed);
+* ``chains_mean_y0``: softmax of the mean y_0 over ``--chains`` stochastic chains (fixed seed; the
+  checkpoint's own ``eval.chain_noise``);
 * ``one_step_<t>``: one denoiser call at y_t = ŷ (zero residual) and timestep t, read out as the
   y_0 estimate ŷ + (r_t − √(1 − ᾱ_t)·ε̂) / √ᾱ_t with r_t = y_t − ŷ = 0
   (:meth:`CardSchedule.predict_y0`). For an ideal
@@ -18,7 +19,8 @@ For each ``model.pt`` and split (the model's own data set), ACC and macro AUROC 
   deterministic path from the centre ŷ ends at the class the starting-noise mass favours (the reverse
   flow maps quantiles to quantiles), so its softmax keeps little ranking information, while the
   fraction of chains per class estimates the class posterior; QMC removes most of the random-noise
-  readouts' sampling error at the same cost.
+  readouts' sampling error at the same cost. The fractions have no tie-break (unlike the ``vote``
+  readout), so equal fractions tie in AUROC.
 
 All probabilities are softmax(y_0 / ``--temperature``); AUROC of a binary task does not depend on it.
 Read the test columns as a diagnosis only: choose anything on the val columns.
@@ -55,11 +57,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def qmc_normal(n: int, dim: int, *, seed: int = 0):
-    """``n`` scrambled Sobol points of N(0, I_dim): (n, dim)."""
+    """``n`` scrambled Sobol points of N(0, I_dim), (n, dim): the package's ``eval.chain_noise: qmc`` points."""
     import torch
 
-    u = torch.quasirandom.SobolEngine(dim, scramble=True, seed=seed).draw(n, dtype=torch.float64)
-    return torch.special.ndtri(u.clamp(1e-6, 1 - 1e-6)).float()
+    from diffmic.diffusion.sampling import chain_start_noise
+
+    return chain_start_noise(n, 1, dim, kind="qmc", generator=torch.Generator().manual_seed(seed))
 
 
 def chain_y0(model, feats, prior, noise):
@@ -90,6 +93,7 @@ def readouts(model, images, labels, *, timesteps, chains: int, temperature: floa
              vote_chains=()) -> dict[str, dict[str, float]]:
     import torch
 
+    from diffmic.diffusion.sampling import chain_start_noise
     from diffmic.evaluation.metrics import classification_metrics
 
     def score(probs: torch.Tensor) -> dict[str, float]:
@@ -114,8 +118,8 @@ def readouts(model, images, labels, *, timesteps, chains: int, temperature: floa
         b, c = prior.shape
         for n in vote_chains:
             gen = torch.Generator().manual_seed(0)
-            out[f"vote_random_{n}"] = score(vote_fractions(chain_y0(model, feats, prior,
-                                                                    torch.randn(n, b, c, generator=gen))))
+            noise = chain_start_noise(n, b, c, kind="random", generator=gen).view(n, b, c)
+            out[f"vote_random_{n}"] = score(vote_fractions(chain_y0(model, feats, prior, noise)))
             y0 = chain_y0(model, feats, prior, qmc_normal(n, c))
             out[f"vote_qmc_{n}"] = score(vote_fractions(y0))
             out[f"mean_qmc_{n}"] = score((y0 / temperature).softmax(-1).mean(0))

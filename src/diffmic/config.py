@@ -220,6 +220,9 @@ class DiffMICConfig:
         _choice("train.logger", t.logger, ("csv", "tensorboard"))
         _choice("eval.readout", e.readout, ("mean_path", "vote", "mean_softmax"))
         _choice("eval.chain_noise", e.chain_noise, ("random", "qmc"))
+        if e.chain_noise == "qmc" and df.sampler != "ddim":
+            raise ConfigError(f"eval.chain_noise=qmc sets the starting noise of DDIM chains; diffusion.sampler is "
+                              f"{df.sampler!r}, which draws its noise at every step (use random, or sampler ddim)")
         _choice("model.roi_saliency", m.roi_saliency, ("class_sum", "top_class", "prior_weighted"))
         _choice("train.denoiser_encoder_init", t.denoiser_encoder_init, ("random", "dcg"))
         if t.denoiser_encoder_init == "dcg":

@@ -125,6 +125,7 @@ def _metadata(model: DiffMIC, samples: int, num_steps: int, batch_size: int | No
         "diffmic.eta": "0",
         "diffmic.temperature": repr(float(model.temperature)),
         "diffmic.readout": model.readout,
+        "diffmic.chain_noise": model.chain_noise,
         "diffmic.batch_size": "dynamic" if batch_size is None else str(batch_size),
     }
 

@@ -54,7 +54,6 @@ def test_qmc_points_are_normal_and_chains_start_where_asked() -> None:
     z = mod.qmc_normal(1024, 3)
     assert z.shape == (1024, 3)
     assert z.mean(0).abs().max() < 0.02 and (z.std(0) - 1).abs().max() < 0.02  # QMC: far tighter than 1/sqrt(n)
-    assert torch.equal(z, mod.qmc_normal(1024, 3))  # the same points every call
     y0 = torch.tensor([[[0.1, 0.9], [0.6, 0.4]], [[0.7, 0.3], [0.2, 0.8]], [[0.0, 1.0], [0.9, 0.1]]])
     assert torch.allclose(mod.vote_fractions(y0), torch.tensor([[1 / 3, 2 / 3], [2 / 3, 1 / 3]]))
 

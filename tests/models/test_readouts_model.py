@@ -118,3 +118,24 @@ def test_qmc_chain_noise_reaches_the_chains_on_both_paths():
     assert not torch.allclose(rnd - prior, (rnd - prior)[:, :1].expand_as(rnd))  # i.i.d. draws differ per image
     with pytest.raises(ConfigError):
         DiffMICConfig.from_yaml(None, [*OVERRIDES, "eval.chain_noise=sobol"])
+
+
+@torch.no_grad()
+def test_qmc_chain_noise_with_eta_and_other_samplers():
+    m = make("eval.chain_noise=qmc", "diffusion.eta=0.5")
+    x = m.normalize(images())
+    guide = m.guidance(x)
+    prior = guide.logits.softmax(1)
+    feats = m.encode(x, guide)
+    a = m.sample_y0(feats, prior, samples=4, generator=torch.Generator().manual_seed(1))
+    b = m.sample_y0(feats, prior, samples=4, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a, b) and a.shape == (4, 5, 3)  # QMC start, per-step noise from the same generator
+    # a call-time override to a sampler that draws noise every step runs with random noise
+    anc = m.sample_y0(feats, prior, samples=2, sampler="truncated", num_steps=5,
+                      generator=torch.Generator().manual_seed(1))
+    assert anc.shape == (2, 5, 3) and torch.isfinite(anc).all()
+    with pytest.raises(ConfigError, match="chain_noise"):
+        DiffMICConfig.from_yaml(None, [*OVERRIDES, "eval.chain_noise=qmc", "diffusion.sampler=truncated"])
+    with pytest.raises(ValueError, match="chain_noise"):
+        DiffMIC(m.guidance, m.denoiser, m.schedule, class_names=["a", "b", "c"], image_size=28, in_chans=3,
+                mean=[0.5], std=[0.5], chain_noise="sobol")

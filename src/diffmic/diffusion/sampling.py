@@ -42,12 +42,15 @@ def chain_start_noise(
     ``qmc``: ``samples`` scrambled Sobol points mapped through the normal quantile, the same for every
     image (quasi-Monte Carlo): each point is marginally N(0, I), and together they cover the Gaussian
     evenly, so averages over the chains (votes, mean softmax, quantiles) have far less sampling error
-    than i.i.d. draws. The scrambling seed is drawn from ``generator``.
+    than i.i.d. draws. Use a power of two for ``samples`` (Sobol points are balanced in blocks of 2^k);
+    one chain gets one point, shared by every image: no stratification. The scrambling seed is drawn
+    from ``generator`` (on its device).
     """
     if kind == "random":
         return torch.randn((samples * batch, classes), generator=generator, device=device, dtype=dtype)
     if kind == "qmc":
-        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+        gen_device = generator.device if generator is not None else "cpu"
+        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=gen_device))
         u = torch.quasirandom.SobolEngine(classes, scramble=True, seed=seed).draw(samples, dtype=torch.float64)
         z = torch.special.ndtri(u.clamp(1e-7, 1 - 1e-7)).to(device=device, dtype=dtype)
         return z.repeat_interleave(batch, dim=0)

@@ -218,6 +218,7 @@ def evaluate(
             "sampling_steps": num_steps or model.sampling_steps,
             "temperature": model.temperature,
             "readout": model.readout,
+            "chain_noise": model.chain_noise,
         },
         calibration=calibration,
         calibrated_on=calibration_split,
@@ -280,7 +281,7 @@ class Evaluation:
 def _settings(model: DiffMIC, samples: int, seed: int, sampler: str | None, num_steps: int | None) -> dict[str, Any]:
     return {"samples": samples, "seed": seed, "sampler": sampler or model.sampler,
             "sampling_steps": num_steps or model.sampling_steps, "temperature": model.temperature,
-            "readout": model.readout}
+            "readout": model.readout, "chain_noise": model.chain_noise}
 
 
 def _check_fits(model: DiffMIC, data: DataBundle, splits: tuple[str, ...], source: str) -> None:

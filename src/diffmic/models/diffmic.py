@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diffmic.diffusion.readout import mean_softmax_probs, readout_probs
-from diffmic.diffusion.sampling import chain_start_noise, sample, sample_ddim, sample_mean_path
+from diffmic.diffusion.sampling import CHAIN_NOISES, chain_start_noise, sample, sample_ddim, sample_mean_path
 from diffmic.diffusion.schedule import CardSchedule
 from diffmic.errors import DataError
 from diffmic.images import ImageSpec, to_batch, to_model_input
@@ -112,6 +112,8 @@ class DiffMIC(nn.Module):
         self.temperature = temperature
         self.share_encoder = share_encoder
         self.readout = readout
+        if chain_noise not in CHAIN_NOISES:
+            raise ValueError(f"chain_noise must be one of {list(CHAIN_NOISES)}, got {chain_noise!r}")
         self.chain_noise = chain_noise
         spec = ImageSpec(image_size, in_chans, False, tuple(mean), tuple(std))
         if image_spec is not None and (image_spec.size, image_spec.channels, image_spec.mean, image_spec.std) != (
