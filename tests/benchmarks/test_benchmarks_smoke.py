@@ -176,8 +176,11 @@ def test_speed_quick_smoke(tmp_path: Path, keep_threads: None) -> None:
         assert sorted(r["kind"] for r in shared) == ["infer_preset", "train_joint"]
         assert all(r["share_encoder"] for r in shared) and not default["share_encoder"]
         light = [r for r in rows if r.get("extra_overrides") == ["model.denoiser_backbone=resnet10t"]]
-        assert sorted(r["kind"] for r in light) == ["infer_preset", "train_joint"]
-        assert all(r["denoiser_backbone"] == "resnet10t" for r in light)
+        if size == 28:  # configs/retinamnist.yaml has the light encoder already: no extra case
+            assert light == []
+        else:
+            assert sorted(r["kind"] for r in light) == ["infer_preset", "train_joint"]
+            assert all(r["denoiser_backbone"] == "resnet10t" for r in light)
     assert {t["size"] for t in result["targets"]} == {28, 224}
     text = docs.read_text()
     assert "Hand-written intro that must survive." in text
