@@ -83,10 +83,10 @@ def chain_y0(model, feats, prior, noise):
 
 
 def vote_fractions(y0):
-    """(N, B, C) -> (B, C): the fraction of chains whose argmax is each class."""
-    import torch.nn.functional as F
+    """(N, B, C) -> (B, C): the fraction of chains whose argmax is each class (the package's, no tie-break)."""
+    from diffmic.diffusion.uncertainty import vote_fractions as fractions
 
-    return F.one_hot(y0.argmax(-1), y0.shape[-1]).float().mean(0)
+    return fractions(y0)
 
 
 def readouts(model, images, labels, *, timesteps, chains: int, temperature: float,

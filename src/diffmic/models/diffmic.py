@@ -161,7 +161,7 @@ class DiffMIC(nn.Module):
         def denoise_fn(y_t: Tensor, t: Tensor) -> Tensor:
             return self.denoiser.denoise(feats_s, y_t, prior_s, t)
 
-        if (sampler or self.sampler) == "ddim" and self.chain_noise != "random":
+        if (sampler or self.sampler) == "ddim":  # the start noise of the model's kind (random: sample_ddim's own draw)
             noise = chain_start_noise(samples, b, prior.shape[1], kind=self.chain_noise, generator=generator,
                                       device=prior.device, dtype=prior.dtype)
             y0 = sample_ddim(self.schedule, denoise_fn, prior_s, num_steps or self.sampling_steps,
