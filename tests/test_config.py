@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ast
+import importlib
 from pathlib import Path
 
 import pytest
@@ -223,3 +225,24 @@ def test_config_is_frozen_after_validation():
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.train = cfg.train
     assert replace(cfg, train={"epochs": 4}).train.epochs == 4 and cfg.train.epochs == 3
+
+
+@pytest.mark.parametrize("key,names", [
+    ("eval.readout", "diffmic.diffusion.readout:READOUTS"),
+    ("eval.chain_noise", "diffmic.diffusion.sampling:CHAIN_NOISES"),
+    ("diffusion.sampler", "diffmic.diffusion.sampling:SAMPLERS"),
+    ("model.roi_saliency", "diffmic.models.roi:SALIENCY_MODES"),
+    ("diffusion.schedule", "diffmic.diffusion.schedule:BETA_SCHEDULES"),
+])
+def test_config_choices_match_the_package(key, names):
+    # config.py keeps its own literal lists so that loading a config imports no torch; they must not
+    # drift from the constants the code dispatches on: every package value loads, and the refusal of
+    # an unknown value lists exactly the package's values.
+    module, attr = names.split(":")
+    values = tuple(getattr(importlib.import_module(module), attr))
+    for v in values:
+        load(f"{key}={v}")
+    with pytest.raises(ConfigError) as ei:
+        load(f"{key}=no_such_choice")
+    listed = ast.literal_eval(str(ei.value).split("choose from", 1)[1].strip())
+    assert tuple(listed) == tuple(values)
