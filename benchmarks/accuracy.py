@@ -46,6 +46,7 @@ ROWS: dict[str, tuple[str, list[str]]] = {
     "shared": ("diffmic", ["model.share_encoder=true"]),
     "dcg_init": ("diffmic", ["train.denoiser_encoder_init=dcg"]),  # own encoder, started as the DCG backbone
     "light_encoder": ("diffmic", ["model.denoiser_backbone=resnet10t"]),  # 0.6x a ResNet-18's cost (docs/speed.md)
+    "light_local": ("diffmic", ["model.local_backbone=resnet10t"]),  # a cheaper DCG local branch (issue #12)
     "no_local": ("diffmic", ["model.local_branch=false"]),  # the paper's ablations, on the config as it is
     "no_mmd": ("diffmic", ["train.mmd_weight=0"]),
     "frozen": ("diffmic", ["train.joint_train=false"]),

@@ -166,6 +166,9 @@ def plan_quick(args: argparse.Namespace) -> list[dict]:
             if preset.model.denoiser_backbone != LIGHT_ENCODER:
                 add("infer_preset", f"preset + model.denoiser_backbone={LIGHT_ENCODER}, --samples 1, engine {engine}",
                     samples=1, engine=engine, extra_overrides=[f"model.denoiser_backbone={LIGHT_ENCODER}"])
+        if (preset.model.local_backbone or preset.model.backbone) != LIGHT_ENCODER:  # a lighter DCG local branch
+            add("infer_preset", f"preset + model.local_backbone={LIGHT_ENCODER}, --samples 1, engine {engine}",
+                samples=1, engine=engine, extra_overrides=[f"model.local_backbone={LIGHT_ENCODER}"])
         if not args.no_train:
             add("train_classifier", f"train step: plain {reference} classifier (reference)",
                 classifier_backbone=reference)

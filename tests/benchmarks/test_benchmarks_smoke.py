@@ -198,6 +198,8 @@ def test_speed_quick_plan() -> None:
         assert rows[0]["kind"] == "infer_classifier" and rows[0]["classifier_backbone"] == "resnet18"
         assert [c["kind"] for c in rows if c["preset_default"]] == ["infer_preset", "train_joint"]
         assert {c.get("samples") for c in rows if c["kind"] == "infer_preset"} == {1, 16, 100}
+        light_local = [c for c in rows if "model.local_backbone=resnet10t" in c.get("extra_overrides", [])]
+        assert [(c["kind"], c["samples"]) for c in light_local] == [("infer_preset", 1)]
         own = [c for c in rows if c["kind"] == "infer_backbone_classifier"]
         assert [c["classifier_backbone"] for c in own] == ([] if backbone == "resnet18" else [backbone])
     assert all(Path(c["config"]).name == ("retinamnist.yaml" if c["size"] == 28 else "isic2018.yaml") for c in cases)
