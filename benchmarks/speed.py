@@ -16,7 +16,7 @@ after warm-up, reported as ms/img and as a ratio to the plain classifier of the 
 224 px with ``configs/isic2018.yaml``: a plain ResNet-18 classifier (the reference of every ratio) and
 a plain classifier of the preset's own backbone where it differs; the preset's inference as
 ``diffmic predict`` runs it by default (``predict_details``, the preset's readout, ``--samples 1``,
-``--engine auto``: BatchNorm folded by ``DiffMIC.fuse_for_inference`` above 64 px), the same with 16 and
+``--engine auto``: BatchNorm folded by ``DiffMIC.fuse_for_inference``), the same with 16 and
 100 chains, the same with the other engine; and the training steps of the
 classifier and of the preset (``DiffMICModule.training_step``). The preset's default inference case
 and its joint training step carry ``"preset_default": true`` beside ``ratio_to_classifier``.
@@ -130,7 +130,7 @@ def plan(args: argparse.Namespace, default_steps: int, timesteps: int, backbone:
 def plan_quick(args: argparse.Namespace) -> list[dict]:
     """``--quick``: per size, the reference classifiers, the preset's inference and training cases."""
     from diffmic.config import DiffMICConfig
-    from diffmic.prediction import FUSED_ABOVE_PX
+    from diffmic.prediction import AUTO_ENGINE
 
     cases = []
     for size, config in QUICK_PRESETS.items():
@@ -150,7 +150,7 @@ def plan_quick(args: argparse.Namespace) -> list[dict]:
             add("infer_backbone_classifier", f"plain {backbone} classifier (the preset's DCG backbone)",
                 classifier_backbone=backbone)
         what = f"{readout}, {preset.diffusion.sampler} {steps} steps"
-        engine = "fused" if size > FUSED_ABOVE_PX else "eager"  # predict's --engine auto at this size
+        engine = AUTO_ENGINE  # what `diffmic predict --engine auto` runs
         add("infer_preset", f"preset as `diffmic predict` runs it ({what}, --samples 1, engine {engine})", samples=1,
             engine=engine, preset_default=True)
         for n in args.chains:

@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="images per model call (default 256; lower it to use less memory)")
     pr.add_argument("--engine", choices=["auto", "eager", "fused"], default="auto",
                     help="fused: BatchNorm folded into the layers before it (same outputs to float rounding); "
-                         "auto (default): fused above 64 px, eager at and below")
+                         "auto (default): fused, at every image size; eager: the model as trained")
     pr.add_argument("--out", type=Path, help="write a CSV here (default: stdout)")
 
     x = add("explain", "Save a figure per image: ROI crops with attention weights, the predicted class's "
