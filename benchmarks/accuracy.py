@@ -280,10 +280,24 @@ def merge_results(result: dict[str, Any], paths: list[Path]) -> None:
             raise ValueError(f"--merge: {path}: a result file without {exc}") from None
 
 
+def _with_defaults(resolved: Any) -> Any:
+    """A recorded resolved config with the keys added to the package since then at their defaults
+    (a new key's default keeps the behaviour from before it existed); as recorded if it no longer loads."""
+    from diffmic.config import DiffMICConfig
+    from diffmic.errors import ConfigError
+
+    try:
+        return DiffMICConfig.from_dict(resolved).to_dict()
+    except (ConfigError, TypeError, ValueError):
+        return resolved
+
+
 def _merge_one(result: dict[str, Any], other: dict[str, Any], name: str) -> None:
     s, o = result["settings"], other["settings"]
     s_over, o_over = s.setdefault("row_overrides", {}), o.get("row_overrides", {})
-    differ = [k for k in MERGE_KEYS if o.get(k) != s.get(k)]
+    differ = [k for k in MERGE_KEYS if k != "resolved_config" and o.get(k) != s.get(k)]
+    if _with_defaults(o.get("resolved_config")) != _with_defaults(s.get("resolved_config")):
+        differ.append("resolved_config")
     differ += [f"row_overrides of {r}" for r in sorted(set(s_over) & set(o_over)) if s_over[r] != o_over[r]]
     if differ:
         raise ValueError(f"--merge: {name}: made with different settings ({', '.join(differ)}); render it "

@@ -108,3 +108,22 @@ def test_merge_into_a_file_from_before_rows_existed(parts: dict) -> None:
     accuracy.merge_results(result, [parts["other"]])
     assert "dcg_init" in result["settings"]["rows"]
     assert {r["row"] for r in result["runs"]} == {"diffmic", "classifier", "dcg_init"}
+
+
+def test_merge_fills_keys_added_since_with_their_defaults(parts: dict) -> None:
+    """A file written before a config key existed merges with one that has the key at its default
+    (the behaviour from before the key), and not with one that set it to something else."""
+    accuracy = load_benchmark("accuracy")
+    main = copy.deepcopy(parts["main"])
+    main["settings"]["resolved_config"]["eval"].pop("chain_noise", None)  # as files from before the key
+    other = json.loads(parts["other"].read_text())
+    other["settings"]["resolved_config"]["eval"]["chain_noise"] = "random"  # the default
+    parts["other"].write_text(json.dumps(other))
+    accuracy.merge_results(main, [parts["other"]])
+    assert "dcg_init" in {r["row"] for r in main["runs"]}
+    other["settings"]["resolved_config"]["eval"]["chain_noise"] = "qmc"
+    parts["other"].write_text(json.dumps(other))
+    main = copy.deepcopy(parts["main"])
+    main["settings"]["resolved_config"]["eval"].pop("chain_noise", None)
+    with pytest.raises(ValueError, match="resolved_config"):
+        accuracy.merge_results(main, [parts["other"]])
