@@ -130,6 +130,11 @@ def c_empty_train_split(t, e):
     return ["train", "--config", TINY, "--data", path, "--out", t / "runs"], "empty", [t / "runs"]
 
 
+def c_unknown_backbone(t, e):  # found only when the network is built: no run folder is left behind
+    return (["train", "--config", TINY, "--data", e["data"], "--set", "model.backbone=resnet_nope",
+             "--out", t / "runs"], "resnet_nope", [t / "runs"])
+
+
 def c_out_dir_is_a_file(t, e):
     f = t / "taken"
     f.write_text("x")

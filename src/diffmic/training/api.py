@@ -183,22 +183,22 @@ def train(
     _check_data(data)
     resume_epoch = _checkpoint_epoch(_resume_from) if _resume_from is not None else None
     loggers = build_loggers(cfg.train, run_dir, resume_epoch)  # a missing logger package fails before any file
-    run_dir.mkdir(parents=True, exist_ok=True)  # only once the data is known to be usable
     if cfg.data.class_names is None:
         cfg = replace_config(cfg, data={"class_names": list(data.class_names)})
-    if _resume_from is None:
-        cfg.save(run.config_file)
-    else:
-        removed = remove_partial_files(run.checkpoint_dir)
-        log.info("resuming %s from %s (epoch %d)%s", run_dir, _resume_from, resume_epoch,
-                 f"; removed {len(removed)} partial file(s)" if removed else "")
     model_args = {
         "num_classes": data.num_classes,
         "in_chans": data.channels,
         "image_size": data.image_size,
         "class_names": list(data.class_names),
     }
-    module = DiffMICModule(cfg.to_dict(), model_args)
+    module = DiffMICModule(cfg.to_dict(), model_args)  # an unknown backbone fails here, before any file
+    run_dir.mkdir(parents=True, exist_ok=True)  # only once the data and the network are known to be usable
+    if _resume_from is None:
+        cfg.save(run.config_file)
+    else:
+        removed = remove_partial_files(run.checkpoint_dir)
+        log.info("resuming %s from %s (epoch %d)%s", run_dir, _resume_from, resume_epoch,
+                 f"; removed {len(removed)} partial file(s)" if removed else "")
     dm = ArrayDataModule(data, batch_size=cfg.data.batch_size, eval_batch_size=cfg.data.eval_batch_size,
                          num_workers=cfg.data.num_workers)
     # The best epoch's weights only (written as a model file by AtomicCheckpointIO): resuming needs
