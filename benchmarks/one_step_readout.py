@@ -22,6 +22,12 @@ For each ``model.pt`` and split (the model's own data set), ACC and macro AUROC 
   readouts' sampling error at the same cost. The fractions have no tie-break (unlike the ``vote``
   readout), so equal fractions tie in AUROC.
 
+Beside the readouts, ``residuals`` describes what the mean path adds to the prior, r = y_0 − ŷ: its
+spread over images (``sd``, of every class column), ``mean_abs``, and ``toward_label``: per true
+class, the mean over its images of r[label] − the mean of r over the other classes, averaged over the
+classes (class-balanced, so a move that is the same for every image scores exactly 0 whatever the
+class frequencies; positive: the denoiser moves towards the right class).
+
 All probabilities are softmax(y_0 / ``--temperature``); AUROC of a binary task does not depend on it.
 Read the test columns as a diagnosis only: choose anything on the val columns.
 
@@ -89,8 +95,20 @@ def vote_fractions(y0):
     return fractions(y0)
 
 
+def path_residual(prior, y0, labels) -> dict[str, float]:
+    """What the mean path adds to the prior (see the module docstring): ``sd`` and ``toward_label``."""
+    r = y0 - prior
+    c = r.shape[1]
+    at_label = r.gather(1, labels.view(-1, 1)).squeeze(1)
+    move = at_label - (r.sum(1) - at_label) / (c - 1)
+    per_class = [move[labels == k].mean() for k in range(c) if bool((labels == k).any())]
+    return {"sd": round(float(r.std(0).mean()), 4), "toward_label": round(float(sum(per_class) / len(per_class)), 4),
+            "mean_abs": round(float(r.abs().mean()), 4)}
+
+
 def readouts(model, images, labels, *, timesteps, chains: int, temperature: float,
-             vote_chains=()) -> dict[str, dict[str, float]]:
+             vote_chains=(), residuals: dict | None = None) -> dict[str, dict[str, float]]:
+    """ACC and AUROC of every readout; with ``residuals`` (a dict), also fills it with :func:`path_residual`."""
     import torch
 
     from diffmic.diffusion.sampling import chain_start_noise
@@ -108,7 +126,10 @@ def readouts(model, images, labels, *, timesteps, chains: int, temperature: floa
         guide = model.guidance(x)
         prior = guide.logits.softmax(dim=1)
         feats = model.encode(x, guide)
-        out = {"prior": score(prior), "mean_path": y0_score(model.mean_path(feats, prior))}
+        path = model.mean_path(feats, prior)
+        out = {"prior": score(prior), "mean_path": y0_score(path)}
+        if residuals is not None:
+            residuals.update(path_residual(prior, path, labels))
         gen = torch.Generator().manual_seed(0)
         out["chains_mean_y0"] = y0_score(model.sample_y0(feats, prior, samples=chains, generator=gen).mean(0))
         for t in timesteps:
@@ -137,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     from diffmic.models.checkpoint import load_model
     from diffmic.runs import model_data_config
 
-    result = {"info": common.run_info("benchmarks/one_step_readout.py", argv), "models": {}}
+    result = {"info": common.run_info("benchmarks/one_step_readout.py", argv), "models": {}, "residuals": {}}
     for path in args.models:
         try:
             model = load_model(path).eval()
@@ -148,19 +169,22 @@ def main(argv: list[str] | None = None) -> int:
         except DiffMICError as exc:
             print(f"one_step_readout: error: {exc}", file=sys.stderr)
             return 1
-        per_split = {}
+        per_split, residuals = {}, {}
         for split in args.splits:
             d = getattr(data, split)
             images = torch.from_numpy(d.images).permute(0, 3, 1, 2).float() / 255.0
             per_split[split] = readouts(model, images, torch.from_numpy(d.labels).long(), timesteps=args.timesteps,
                                         chains=args.chains, temperature=args.temperature,
-                                        vote_chains=args.vote_chains)
+                                        vote_chains=args.vote_chains, residuals=residuals.setdefault(split, {}))
         result["models"][str(path)] = per_split
+        result["residuals"][str(path)] = residuals
         cols = list(next(iter(per_split.values())))
         print(f"{path}")
         print("  split  " + "  ".join(f"{c:>16}" for c in cols))
         for split, r in per_split.items():
             print(f"  {split:<5}  " + "  ".join(f"{r[c]['acc']:.3f} / {r[c]['auroc']:.3f}".rjust(16) for c in cols))
+        for split, r in residuals.items():
+            print(f"  {split:<5}  mean path − prior: sd {r['sd']:.4f}, toward the label {r['toward_label']:+.4f}")
     if args.out:
         common.write_json(args.out, result)
         print(f"written to {args.out}")

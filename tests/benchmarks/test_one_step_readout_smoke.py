@@ -63,3 +63,17 @@ def test_bad_timestep_is_one_line(tmp_path: Path, tiny_checkpoint, capsys) -> No
     # the tiny schedule has 100 steps
     assert load_benchmark("one_step_readout").main([str(ckpt), "--timesteps", "100"]) == 1
     assert "--timesteps [100]" in capsys.readouterr().err
+
+
+def test_path_residual_measures_moves_towards_the_label() -> None:
+    mod = load_benchmark("one_step_readout")
+    prior = torch.tensor([[0.6, 0.3, 0.1], [0.2, 0.5, 0.3]])
+    labels = torch.tensor([0, 2])
+    toward = prior + torch.tensor([[0.2, -0.1, -0.1], [-0.1, -0.1, 0.2]])  # +0.2 on the label, -0.1 elsewhere
+    r = mod.path_residual(prior, toward, labels)
+    assert r["toward_label"] == pytest.approx(0.3) and r["mean_abs"] == pytest.approx(0.4 / 3, abs=1e-4)
+    # the same move for every image, whatever its label, with unequal class counts: exactly 0
+    prior = torch.tensor([[0.6, 0.4], [0.3, 0.7], [0.2, 0.8]])
+    labels = torch.tensor([0, 1, 1])
+    r = mod.path_residual(prior, prior + torch.tensor([-0.1, 0.1]), labels)
+    assert r["sd"] == 0.0 and r["toward_label"] == pytest.approx(0.0, abs=1e-6)
