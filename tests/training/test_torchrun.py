@@ -82,5 +82,8 @@ def test_effective_batch_is_per_process_batch_times_world_size(two_nodes):
 def test_the_run_is_complete(two_nodes):
     run, _ = two_nodes
     metrics = json.loads((run / "metrics.json").read_text())
-    assert metrics["test"]["diffusion"]["acc"] >= 0.0
+    test = metrics["test"]
+    cm = test["confusion_matrix"]  # every test image evaluated exactly once, and ACC read off that matrix
+    assert test["num_images"] == sum(map(sum, cm)) == N["test"]
+    assert abs(test["diffusion"]["acc"] - sum(cm[i][i] for i in range(len(cm))) / N["test"]) < 1e-6
     assert (run / "model.pt").is_file() and (run / "checkpoints" / "last.ckpt").is_file()
