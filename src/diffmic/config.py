@@ -117,6 +117,10 @@ class TrainConfig:
     # original's ImageNet weights). Needs model.denoiser_backbone == model.backbone.
     denoiser_encoder_init: str = "random"
     aux_loss: str = "fused"  # fused (original) | all (fused + global + local CE)
+    # Diffusion phase: weight of a cross-entropy on a linear head over the denoiser's image embedding
+    # (training only; the head is not part of the model). 0 = off, the original: the denoiser's encoder
+    # learns from the ε loss alone.
+    denoiser_ce_weight: float = 0.0
     mmd_weight: float = 0.5
     noise_draws: int = 1  # (t, ε) draws per image per step; >1 reuses the features (cheap variance cut)
     ema_decay: float = 0.999
@@ -232,6 +236,8 @@ class DiffMICConfig:
             if m.denoiser_backbone != m.backbone:
                 raise ConfigError(f"train.denoiser_encoder_init=dcg copies the DCG backbone: model.denoiser_backbone "
                                   f"({m.denoiser_backbone}) must equal model.backbone ({m.backbone})")
+        if not t.denoiser_ce_weight >= 0.0:
+            raise ConfigError(f"train.denoiser_ce_weight must be >= 0, got {t.denoiser_ce_weight}")
         if not 0.0 <= m.denoiser_dropout < 1.0:
             raise ConfigError(f"model.denoiser_dropout must be in [0, 1), got {m.denoiser_dropout}")
         if t.crossfit_folds == 1 or t.crossfit_folds < 0:

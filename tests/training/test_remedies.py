@@ -183,3 +183,76 @@ def test_denoiser_encoder_init_config_errors():
         DiffMICConfig.from_yaml(None, [*BASE, "train.denoiser_encoder_init=dcg", "model.denoiser_backbone=resnet34"])
     with pytest.raises(ConfigError, match="denoiser_encoder_init"):
         DiffMICConfig.from_yaml(None, [*BASE, "train.denoiser_encoder_init=imagenet"])
+
+
+class HeadAndStates:
+    """Callback: the DCG at the start of the joint phase, the denoiser and the CE head at the end."""
+
+    def __new__(cls):
+        import lightning as L
+
+        class _Cb(L.Callback):
+            def __init__(self):
+                self.dcg_at_joint = self.denoiser_end = self.head_start = self.head_end = None
+
+            def on_train_start(self, trainer, pl_module):
+                head = pl_module.denoiser_head
+                self.head_start = None if head is None else _state(head)
+
+            def on_train_epoch_start(self, trainer, pl_module):
+                if trainer.current_epoch == pl_module.cfg.train.dcg_pretrain_epochs:
+                    self.dcg_at_joint = _state(pl_module.model.guidance)
+
+            def on_train_end(self, trainer, pl_module):
+                head = pl_module.denoiser_head
+                self.denoiser_end = _state(pl_module.model.denoiser)
+                self.head_end = None if head is None else _state(head)
+
+        return _Cb()
+
+
+def _train_with_ce(tmp_path, weight, name):
+    from diffmic.training import api
+
+    cb = HeadAndStates()
+    cfg = DiffMICConfig.from_yaml(None, [*BASE, f"train.denoiser_ce_weight={weight}", "train.joint_train=false",
+                                         f"train.out_dir={tmp_path}", f"train.run_name={name}"])
+    result = api.train(cfg, data=_synthetic_bundle(), callbacks=[cb])
+    return cb, result
+
+
+@pytest.mark.train
+def test_denoiser_ce_head_trains_the_encoder_without_touching_the_dcg_or_the_shipped_model(tmp_path):
+    import csv
+
+    from diffmic.models.checkpoint import load_model
+
+    off, off_result = _train_with_ce(tmp_path, 0.0, "ce0")
+    on, on_result = _train_with_ce(tmp_path, 1.0, "ce1")
+    assert off.head_start is None
+    # The head draws its initial weights off the run's stream: the DCG pre-training is bit-identical.
+    assert all(torch.equal(off.dcg_at_joint[k], on.dcg_at_joint[k]) for k in off.dcg_at_joint)
+    # The head trained, and its gradient reached the denoiser's encoder (which now ends elsewhere).
+    assert any(not torch.equal(on.head_start[k], on.head_end[k]) for k in on.head_start)
+    enc = [k for k in off.denoiser_end if k.startswith("encoder.") and off.denoiser_end[k].is_floating_point()]
+    assert enc and any(not torch.equal(off.denoiser_end[k], on.denoiser_end[k]) for k in enc)
+    # The shipped model has the same parameters either way: the head is training-only.
+    assert set(load_model(on_result.model_path).state_dict()) == set(load_model(off_result.model_path).state_dict())
+    with open(on_result.run_dir / "logs" / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("train/denoiser_ce")]
+    assert rows and all(float(r["train/denoiser_ce"]) > 0 for r in rows)
+    with open(off_result.run_dir / "logs" / "metrics.csv") as f:
+        assert "train/denoiser_ce" not in (csv.DictReader(f).fieldnames or [])
+
+
+def test_denoiser_ce_weight_config_error():
+    from diffmic.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="denoiser_ce_weight must be >= 0"):
+        DiffMICConfig.from_yaml(None, [*BASE, "train.denoiser_ce_weight=-0.5"])
+    module = DiffMICModule(DiffMICConfig.from_yaml(None, [*BASE, "train.denoiser_ce_weight=0.5"]).to_dict(),
+                           {"num_classes": 3, "in_chans": 3, "image_size": 28})
+    head = module.denoiser_head
+    assert head is not None and (head.in_features, head.out_features) == (64, 3)
+    opt_params = {id(p) for g in module.configure_optimizers()[0].param_groups for p in g["params"]}
+    assert {id(p) for p in head.parameters()} <= opt_params

@@ -10,7 +10,7 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from diffmic.config import DiffMICConfig
 from diffmic.diffusion.losses import antithetic_timesteps, diffmic_loss
@@ -64,6 +64,14 @@ class DiffMICModule(L.LightningModule):
         self.cfg = DiffMICConfig.from_dict(config)
         self.model = build_model(self.cfg, **model_args)
         self.ema = EMA(self.model.denoiser, self.cfg.train.ema_decay)
+        # train.denoiser_ce_weight: a training-only linear head on the denoiser's image embedding (not in the
+        # model). Initialised on its own generator, so the run's RNG stream, hence the DCG's pre-training and
+        # every later draw, is the same as without it.
+        self.denoiser_head: nn.Linear | None = None
+        if self.cfg.train.denoiser_ce_weight > 0:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.cfg.train.seed * 1000 + 29)
+                self.denoiser_head = nn.Linear(self.cfg.model.feature_dim, self.model.num_classes)
         self.automatic_optimization = False
         self.crossfit: CrossFit | None = None
         self._val_outputs: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []
@@ -100,7 +108,10 @@ class DiffMICModule(L.LightningModule):
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         t = self.cfg.train
-        denoiser = adam(self.model.denoiser.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+        params = list(self.model.denoiser.parameters())
+        if self.denoiser_head is not None:
+            params += list(self.denoiser_head.parameters())
+        denoiser = adam(params, lr=t.lr, weight_decay=t.weight_decay)
         return [denoiser, self._dcg_optimizer(self.model.guidance.parameters())]
 
     # ------------------------------------------------------------- checkpoints
@@ -214,6 +225,8 @@ class DiffMICModule(L.LightningModule):
         else:
             priors = [guide.logits.softmax(1), guide.logits_global.softmax(1), guide.logits_local.softmax(1)]
         feats = model.encode(x, guide)  # once for all three streams and all noise draws
+        # Supervised signal for the denoiser's own encoder (train.denoiser_ce_weight), on the un-repeated batch.
+        head_ce = F.cross_entropy(self.denoiser_head(feats), y) if self.denoiser_head is not None else None
         k = t_cfg.noise_draws
         if k > 1:  # K independent (t, ε) per image, as a K·B batch for the cheap MLP
             feats, y = feats.repeat(k, 1), y.repeat(k)
@@ -226,6 +239,8 @@ class DiffMICModule(L.LightningModule):
         else:  # the three priors are the same global one: one stream, MSE + 2·w·MMD on it
             eps_hats = [model.denoiser.denoise(feats, model.schedule.q_sample(y0, priors[0], t, eps), priors[0], t)] * 3
         losses = diffmic_loss(eps, *eps_hats, mmd_weight=t_cfg.mmd_weight)
+        if head_ce is not None:
+            losses = losses | {"denoiser_ce": head_ce, "loss": losses["loss"] + t_cfg.denoiser_ce_weight * head_ce}
         opt.zero_grad(set_to_none=True)
         self.manual_backward(losses["loss"])
         if t_cfg.grad_clip > 0:
