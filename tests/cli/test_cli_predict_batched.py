@@ -54,9 +54,11 @@ def _csv(tmp_path, ckpt, folder, *extra) -> str:
 
 
 def test_cli_equals_the_api_on_the_decoded_images(tmp_path, folder, checkpoints):
+    """Same engine on both sides (``predict``'s default, ``auto``): equal to the last printed digit."""
     from diffmic import load_model
+    from diffmic.prediction import for_inference
 
-    model = load_model(checkpoints["mean_softmax"])
+    model = for_inference(load_model(checkpoints["mean_softmax"]))
     paths = sorted(folder.iterdir())
     images = np.stack([load_image(p, model.image_spec) for p in paths])
     details = model.predict_details(images, samples=3, generator=torch.Generator().manual_seed(4), batch_size=4)
