@@ -46,9 +46,10 @@ ROWS: dict[str, tuple[str, list[str]]] = {
     "shared": ("diffmic", ["model.share_encoder=true"]),
     "dcg_init": ("diffmic", ["train.denoiser_encoder_init=dcg"]),  # own encoder, started as the DCG backbone
     "light_encoder": ("diffmic", ["model.denoiser_backbone=resnet10t"]),  # 0.6x a ResNet-18's cost (docs/speed.md)
-    "light_local": ("diffmic", ["model.local_backbone=resnet10t"]),
+    "light_local": ("diffmic", ["model.local_backbone=resnet10t"]),  # a cheaper DCG local branch (issue #12)
     # a supervised signal for the denoiser's own encoder: CE on a training-only linear head (docs/method.md)
-    "denoiser_ce": ("diffmic", ["train.denoiser_ce_weight=1.0"]),  # a cheaper DCG local branch (issue #12)
+    "denoiser_ce": ("diffmic", ["train.denoiser_ce_weight=1.0"]),
+    "denoiser_ce_low": ("diffmic", ["train.denoiser_ce_weight=0.3"]),  # the same, a third of the weight
     "no_local": ("diffmic", ["model.local_branch=false"]),  # the paper's ablations, on the config as it is
     "no_mmd": ("diffmic", ["train.mmd_weight=0"]),
     "frozen": ("diffmic", ["train.joint_train=false"]),

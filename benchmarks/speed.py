@@ -519,10 +519,16 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def quick_section_suffix(threads: int) -> tuple[str, str]:
+    """(docs section suffix, title suffix) of a --quick run: the 2-thread run is the `speed-quick`
+    section, a run at another thread count gets a section of its own, so the two stand side by side."""
+    return ("", "") if threads == 2 else (f"-{threads}thread", f", {threads} torch thread{'s' * (threads != 1)}")
+
+
 def markdown_quick(result: dict[str, Any]) -> str:
     info, s = result["run"], result["settings"]
     lines = [
-        "## Speed of the shipped presets (`benchmarks/speed.py --quick`)",
+        f"## Speed of the shipped presets (`benchmarks/speed.py --quick`{quick_section_suffix(info['torch_threads'])[1]})",
         "",
         (f"Command: `{info['command']}` · {common.commit_label(info)} · {info['cpu_count']} CPUs, "
          f"{info['torch_threads']} torch threads · {info['started']} · wall {result['wall_seconds']:.0f} s"),
@@ -640,7 +646,7 @@ def main(argv: list[str] | None = None) -> int:
     out_path = args.out or common.RESULTS / f"speed-{'quick-' if args.quick else ''}{common.timestamp()}.json"
     if args.quick:
         common.publish("speed", out_path, result, None if args.no_docs else args.docs, markdown_quick,
-                       section="speed-quick")
+                       section="speed-quick" + quick_section_suffix(result["run"]["torch_threads"])[0])
     else:
         common.publish("speed", out_path, result, None if args.no_docs else args.docs, markdown)
     return 1 if any("error" in r for r in results) else 0

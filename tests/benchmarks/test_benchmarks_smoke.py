@@ -184,7 +184,10 @@ def test_speed_quick_smoke(tmp_path: Path, keep_threads: None) -> None:
     assert {t["size"] for t in result["targets"]} == {28, 224}
     text = docs.read_text()
     assert "Hand-written intro that must survive." in text
-    section = text.split("<!-- speed-quick:start -->")[1].split("<!-- speed-quick:end -->")[0]
+    # a 1-thread run gets its own section beside the 2-thread `speed-quick` one
+    assert "<!-- speed-quick:start -->" not in text
+    section = text.split("<!-- speed-quick-1thread:start -->")[1].split("<!-- speed-quick-1thread:end -->")[0]
+    assert "(`benchmarks/speed.py --quick`, 1 torch thread)" in section
     assert "### 28×28" in section and "### 224×224" in section and "### Targets of issue 12" in section
     assert "**preset as `diffmic predict` runs it" in section
 
