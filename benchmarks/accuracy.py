@@ -295,13 +295,19 @@ def _with_defaults(resolved: Any) -> Any:
         return resolved
 
 
-def _merge_one(result: dict[str, Any], other: dict[str, Any], name: str) -> None:
-    s, o = result["settings"], other["settings"]
-    s_over, o_over = s.setdefault("row_overrides", {}), o.get("row_overrides", {})
+def settings_differ(s: dict[str, Any], o: dict[str, Any]) -> list[str]:
+    """The settings (``MERGE_KEYS`` and shared rows' overrides) in which two result files differ."""
+    s_over, o_over = s.get("row_overrides", {}), o.get("row_overrides", {})
     differ = [k for k in MERGE_KEYS if k != "resolved_config" and o.get(k) != s.get(k)]
     if _with_defaults(o.get("resolved_config")) != _with_defaults(s.get("resolved_config")):
         differ.append("resolved_config")
-    differ += [f"row_overrides of {r}" for r in sorted(set(s_over) & set(o_over)) if s_over[r] != o_over[r]]
+    return differ + [f"row_overrides of {r}" for r in sorted(set(s_over) & set(o_over)) if s_over[r] != o_over[r]]
+
+
+def _merge_one(result: dict[str, Any], other: dict[str, Any], name: str) -> None:
+    s, o = result["settings"], other["settings"]
+    s_over, o_over = s.setdefault("row_overrides", {}), o.get("row_overrides", {})
+    differ = settings_differ(s, o)
     if differ:
         raise ValueError(f"--merge: {name}: made with different settings ({', '.join(differ)}); render it "
                          "as its own section instead")
@@ -334,7 +340,9 @@ def markdown(result: dict[str, Any]) -> str:
         f"## {s.get('title') or 'Accuracy against baselines'}",
         "",
         (f"Command: `{info['command']}` · {commit} · {info['cpu_count']} CPUs, {info['torch_threads']} torch "
-        f"threads · {info['started']} · wall {result['wall_seconds']:.0f} s"),
+        f"threads · {info['started']} · wall {result['wall_seconds']:.0f} s"
+        f"{' (this invocation)' if info.get('continues') else ''}"),
+        *[f"- Continues the finished runs of an earlier invocation: `{c}`" for c in info.get("continues", [])],
         *[f"- Merged from `{m['file']}` ({m['runs']} run(s), commit {m['git_commit']}): `{m['command']}`"
           for m in info.get("merged", [])],
         "",
@@ -496,10 +504,18 @@ def main(argv: list[str] | None = None) -> int:
     work = args.work_dir or out.parent / f"tmp-{out.stem}"
     work.mkdir(parents=True, exist_ok=True)
     runs: list[dict[str, Any]] = []
+    earlier: dict[str, Any] = {}
     if out.is_file():  # resume: keep the finished runs of an earlier invocation of this command
         earlier = json.loads(out.read_text())
         runs = [r for r in earlier.get("runs", []) if "error" not in r]
         print(f"[accuracy] {out} exists: keeping its {len(runs)} finished run(s)", flush=True)
+    before = earlier.get("settings", {})
+    # the file describes every run it holds: seeds and rows of the earlier invocations stay listed
+    all_seeds = sorted(set(seeds) | set(before.get("seeds", [])))
+    all_rows = [*(r for r in before.get("rows", []) if r not in rows), *rows]
+    all_overrides = before.get("row_overrides", {}) | {r: ROWS[r][1] for r in rows}
+    earlier_commands = ([*earlier.get("run", {}).get("continues", []), earlier["run"]["command"]]
+                        if "run" in earlier else [])
     done = {(r["dataset"], r["seed"], _row(r)) for r in runs}
     print(f"[accuracy] {'QUICK mode: ' if args.quick else ''}backbone {base.model.backbone}, denoiser "
           f"{base.model.denoiser_backbone}, feature_dim {base.model.feature_dim}, {epochs} epochs per method "
@@ -511,25 +527,32 @@ def main(argv: list[str] | None = None) -> int:
     def result() -> dict[str, Any]:
         return {
             "benchmark": "accuracy",
-            "run": info | {"torch_threads": threads},
+            "run": info | {"torch_threads": threads} | ({"continues": earlier_commands} if earlier_commands else {}),
             "settings": {
-                "config": str(args.config), "overrides": overrides, "quick": args.quick, "seeds": seeds,
-                "rows": rows, "row_overrides": {r: ROWS[r][1] for r in rows},
-                "methods": sorted({ROWS[r][0] for r in rows}), "epochs": epochs,
+                "config": str(args.config), "overrides": overrides, "quick": args.quick, "seeds": all_seeds,
+                "rows": all_rows, "row_overrides": all_overrides,
+                "methods": sorted({ROWS[r][0] for r in rows} | set(before.get("methods", []))), "epochs": epochs,
                 "diffmic_split": list(budget["diffmic_split"]), "title": args.title,
-                "warmup_fraction": budget["warmup_fraction"], "max_train": max_train, "train_images": train_images,
+                "warmup_fraction": budget["warmup_fraction"], "max_train": max_train,
+                "train_images": before.get("train_images", {}) | train_images,
                 "backbone": base.model.backbone, "denoiser_backbone": base.model.denoiser_backbone,
                 "feature_dim": base.model.feature_dim, "sampler": base.diffusion.sampler,
                 "sampling_steps": base.diffusion.sampling_steps, "eval_samples": base.eval.samples,
                 "select_metric": base.train.select_metric, "resolved_config": base.to_dict(),
             },
-            "datasets": [f.stem for f in files],
+            "datasets": sorted({f.stem for f in files} | set(earlier.get("datasets", []))),
             "wall_seconds": round(time.perf_counter() - started, 1),
             "wall_seconds_per_method": {m: round(v, 1) for m, v in method_seconds.items()},
             "runs": runs,
             "summary": summarise(runs),
         }
 
+    if before:
+        differ = settings_differ(result()["settings"], before)
+        if differ:
+            print(f"accuracy: error: {out} holds runs made with different settings ({', '.join(differ)}); "
+                  "give this command another --out", file=sys.stderr)
+            return 2
     failed = False
     for f in files:
         data = subsample(read_medmnist(f), max_train)

@@ -527,8 +527,9 @@ def quick_section_suffix(threads: int) -> tuple[str, str]:
 
 def markdown_quick(result: dict[str, Any]) -> str:
     info, s = result["run"], result["settings"]
+    suffix = quick_section_suffix(info["torch_threads"])[1]
     lines = [
-        f"## Speed of the shipped presets (`benchmarks/speed.py --quick`{quick_section_suffix(info['torch_threads'])[1]})",
+        f"## Speed of the shipped presets (`benchmarks/speed.py --quick`{suffix})",
         "",
         (f"Command: `{info['command']}` · {common.commit_label(info)} · {info['cpu_count']} CPUs, "
          f"{info['torch_threads']} torch threads · {info['started']} · wall {result['wall_seconds']:.0f} s"),

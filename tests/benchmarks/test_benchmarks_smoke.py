@@ -90,6 +90,28 @@ def test_accuracy_and_speed_smoke(tiny: dict[str, Path], keep_threads: None) -> 
     again = json.loads(out.read_text())
     assert [(r["row"], r["fit_seconds"]) for r in again["runs"]] == \
         [(r["row"], r["fit_seconds"]) for r in json.loads(before)["runs"]]
+    assert again["run"]["continues"] == [json.loads(before)["run"]["command"]]
+    # Another seed into the same file: the file lists every seed and row it holds, and the earlier command
+    rc = accuracy.main([
+        "--data-dir", str(tiny["data"]), "--config", str(tiny["config"]), "--seeds", "1", "--epochs", "1",
+        "--out", str(out), "--no-docs", "--threads", "1", "--rows", "classifier",
+    ])
+    assert rc == 0
+    more = json.loads(out.read_text())
+    assert more["settings"]["seeds"] == [0, 1]
+    assert set(more["settings"]["rows"]) == {"classifier", "dcg", "diffmic"}
+    assert set(more["settings"]["methods"]) == {"classifier", "dcg", "diffmic"}
+    assert len(more["run"]["continues"]) == 2 and "--seeds 1" in more["run"]["command"]
+    assert sorted((r["row"], r["seed"]) for r in more["runs"]) == \
+        [("classifier", 0), ("classifier", 1), ("dcg", 0), ("diffmic", 0)]
+    assert more["summary"]["retinamnist"]["classifier"]["seeds"] == 2
+    # ... but not a run made with other settings: the file is left as it was
+    rc = accuracy.main([
+        "--data-dir", str(tiny["data"]), "--config", str(tiny["config"]), "--seeds", "2", "--epochs", "2",
+        "--out", str(out), "--no-docs", "--threads", "1", "--rows", "classifier",
+    ])
+    assert rc == 2 and json.loads(out.read_text()) == more
+    out.write_text(json.dumps(again))  # the checks below render the seed-0 file
     # --render trains nothing and writes the table of the finished runs into a named section
     rc = accuracy.main(["--data-dir", str(tiny["data"]), "--config", str(tiny["config"]), "--out", str(out),
                         "--docs", str(tiny["docs"]), "--render", "--section", "screen", "--title", "Screen"])
