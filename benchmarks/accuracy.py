@@ -326,6 +326,8 @@ def _merge_one(result: dict[str, Any], other: dict[str, Any], name: str) -> None
     result["datasets"] = sorted(set(result.get("datasets", [])) | set(other.get("datasets", [])))
     entry = {"file": name, "command": other["run"]["command"], "git_commit": other["run"].get("git_commit"),
              "runs": sum(r.get("merged_from") == name for r in result["runs"])}
+    if other["run"].get("continues"):  # the merged file was itself built over several invocations
+        entry["continues"] = list(other["run"]["continues"])
     merged = [m for m in result["run"].get("merged", []) if m["file"] != name]
     merged += [m for m in other["run"].get("merged", []) if m["file"] not in {x["file"] for x in merged}]
     result["run"]["merged"] = [*merged, entry]
@@ -344,6 +346,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"{' (this invocation)' if info.get('continues') else ''}"),
         *[f"- Continues the finished runs of an earlier invocation: `{c}`" for c in info.get("continues", [])],
         *[f"- Merged from `{m['file']}` ({m['runs']} run(s), commit {m['git_commit']}): `{m['command']}`"
+          + "".join(f", continuing `{c}`" for c in m.get("continues", []))
           for m in info.get("merged", [])],
         "",
         f"Budget: **{s['epochs']} epochs per method** (DiffMIC: {d} DCG pre-training + {j} diffusion, the DCG "

@@ -127,3 +127,24 @@ def test_merge_fills_keys_added_since_with_their_defaults(parts: dict) -> None:
     main["settings"]["resolved_config"]["eval"].pop("chain_noise", None)
     with pytest.raises(ValueError, match="resolved_config"):
         accuracy.merge_results(main, [parts["other"]])
+
+
+def test_a_merged_file_keeps_the_commands_it_was_continued_from(parts: dict) -> None:
+    """A merged file built over two invocations (``run.continues``) names both in the rendered section,
+    not only its last command."""
+    accuracy = load_benchmark("accuracy")
+    other = json.loads(parts["other"].read_text())
+    other["run"]["continues"] = ["python benchmarks/accuracy.py --seeds 0 --first-invocation"]
+    parts["other"].write_text(json.dumps(other))
+    result = parts["main"]
+    accuracy.merge_results(result, [parts["other"]])
+    assert result["run"]["merged"][0]["continues"] == other["run"]["continues"]
+    line = next(x for x in accuracy.markdown(result).splitlines() if x.startswith("- Merged from `other.json`"))
+    assert line.endswith(", continuing `python benchmarks/accuracy.py --seeds 0 --first-invocation`")
+    plain = json.loads(parts["other"].read_text())
+    del plain["run"]["continues"]
+    parts["other"].write_text(json.dumps(plain))
+    result = split(parts["full"], {"diffmic", "classifier"})
+    accuracy.merge_results(result, [parts["other"]])
+    assert "continues" not in result["run"]["merged"][0]
+    assert "continuing" not in accuracy.markdown(result)
