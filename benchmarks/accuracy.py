@@ -326,11 +326,37 @@ def _merge_one(result: dict[str, Any], other: dict[str, Any], name: str) -> None
     result["datasets"] = sorted(set(result.get("datasets", [])) | set(other.get("datasets", [])))
     entry = {"file": name, "command": other["run"]["command"], "git_commit": other["run"].get("git_commit"),
              "runs": sum(r.get("merged_from") == name for r in result["runs"])}
+    if other["run"].get("torch_threads") is not None:
+        entry["torch_threads"] = other["run"]["torch_threads"]
     if other["run"].get("continues"):  # the merged file was itself built over several invocations
         entry["continues"] = list(other["run"]["continues"])
     merged = [m for m in result["run"].get("merged", []) if m["file"] != name]
     merged += [m for m in other["run"].get("merged", []) if m["file"] not in {x["file"] for x in merged}]
     result["run"]["merged"] = [*merged, entry]
+
+
+def _command_threads(command: str, cpu_count: int | None) -> int | None:
+    """Torch threads of a recorded ``accuracy.py`` command: its ``--threads N``, else all cores."""
+    words = command.split()
+    for i, w in enumerate(words):
+        if w.startswith("--threads="):
+            return int(w.split("=", 1)[1])
+        if w == "--threads" and i + 1 < len(words):
+            return int(words[i + 1])
+    return cpu_count
+
+
+def thread_counts(result: dict[str, Any]) -> list[int]:
+    """Every torch-thread count the runs of ``result`` were made with: its own invocation, the earlier
+    invocations it continues and each merged file (with theirs); the fit times average over them."""
+    info = result["run"]
+    cpus = info.get("cpu_count")
+    found = {info.get("torch_threads")}
+    found |= {_command_threads(c, cpus) for c in info.get("continues", [])}
+    for m in info.get("merged", []):
+        found.add(m.get("torch_threads", _command_threads(m["command"], cpus)))
+        found |= {_command_threads(c, cpus) for c in m.get("continues", [])}
+    return sorted(t for t in found if t is not None)
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -373,6 +399,10 @@ def markdown(result: dict[str, Any]) -> str:
             n = st.get("seeds")
             label = row if n is None or n == len(s["seeds"]) else f"{row} ({n} of {len(s['seeds'])} seeds)"
             lines.append(f"| {ds} | {label} | " + " | ".join(cells) + f" | {'–' if fit is None else f'{fit:.0f}'} |")
+    threads = thread_counts(result)
+    if len(threads) > 1:
+        lines += ["", (f"`fit s / run` averages runs made with {' and '.join(map(str, threads))} torch threads "
+                       "(see the commands above): it is not a cost figure.")]
     diff_rows = [r for r in s.get("rows", METHODS) if ROWS.get(r, ("",))[0] == "diffmic"]
     if any(f"{r} [mean_path]" in per for per in result["summary"].values() for r in diff_rows):
         lines += ["", ("Readouts of the same DiffMIC runs (test ACC / macro AUROC) and the per-seed paired "

@@ -148,3 +148,29 @@ def test_a_merged_file_keeps_the_commands_it_was_continued_from(parts: dict) -> 
     accuracy.merge_results(result, [parts["other"]])
     assert "continues" not in result["run"]["merged"][0]
     assert "continuing" not in accuracy.markdown(result)
+
+
+def test_a_section_whose_runs_mix_thread_counts_says_so(parts: dict) -> None:
+    """fit s / run averages its runs: when they ran with different torch threads (own invocation,
+    continued invocations, merged files) the section says the column is not a cost figure."""
+    accuracy = load_benchmark("accuracy")
+    note = "`fit s / run` averages runs made with"
+    result = copy.deepcopy(parts["main"])
+    accuracy.merge_results(result, [parts["other"]])  # both halves of one 1-thread process
+    assert accuracy.thread_counts(result) == [result["run"]["torch_threads"]]
+    assert note not in accuracy.markdown(result)
+    other = json.loads(parts["other"].read_text())
+    other["run"]["torch_threads"] = result["run"]["torch_threads"] + 1
+    parts["other"].write_text(json.dumps(other))
+    result = copy.deepcopy(parts["main"])
+    accuracy.merge_results(result, [parts["other"]])
+    assert result["run"]["merged"][0]["torch_threads"] == other["run"]["torch_threads"]
+    mixed = sorted({parts["main"]["run"]["torch_threads"], other["run"]["torch_threads"]})
+    assert accuracy.thread_counts(result) == mixed
+    assert f"{note} {mixed[0]} and {mixed[1]} torch threads" in accuracy.markdown(result)
+    # an earlier invocation known only by its command counts too; no --threads means every core
+    result = copy.deepcopy(parts["main"])
+    result["run"]["continues"] = ["python benchmarks/accuracy.py --seeds 0"]
+    assert accuracy.thread_counts(result) == sorted({result["run"]["torch_threads"], result["run"]["cpu_count"]})
+    result["run"]["continues"] = [f"python benchmarks/accuracy.py --threads={result['run']['torch_threads']}"]
+    assert accuracy.thread_counts(result) == [result["run"]["torch_threads"]]
