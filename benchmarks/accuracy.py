@@ -353,7 +353,7 @@ def thread_counts(result: dict[str, Any]) -> list[int]:
     cpus = info.get("cpu_count")
     found = {info.get("torch_threads")}
     found |= {_command_threads(c, cpus) for c in info.get("continues", [])}
-    for m in info.get("merged", []):
+    for m in (m for m in info.get("merged", []) if m.get("runs", 1)):  # files that added no run: not counted
         found.add(m.get("torch_threads", _command_threads(m["command"], cpus)))
         found |= {_command_threads(c, cpus) for c in m.get("continues", [])}
     return sorted(t for t in found if t is not None)
