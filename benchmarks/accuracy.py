@@ -50,6 +50,8 @@ ROWS: dict[str, tuple[str, list[str]]] = {
     # a supervised signal for the denoiser's own encoder: CE on a training-only linear head (docs/method.md)
     "denoiser_ce": ("diffmic", ["train.denoiser_ce_weight=1.0"]),
     "denoiser_ce_low": ("diffmic", ["train.denoiser_ce_weight=0.3"]),  # the same, a third of the weight
+    # the BreastMNIST preset's two denoiser-encoder changes together, for the other presets
+    "dcg_init_ce": ("diffmic", ["train.denoiser_encoder_init=dcg", "train.denoiser_ce_weight=1.0"]),
     "no_local": ("diffmic", ["model.local_branch=false"]),  # the paper's ablations, on the config as it is
     "no_mmd": ("diffmic", ["train.mmd_weight=0"]),
     "frozen": ("diffmic", ["train.joint_train=false"]),
