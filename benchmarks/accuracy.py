@@ -52,6 +52,8 @@ ROWS: dict[str, tuple[str, list[str]]] = {
     "denoiser_ce_low": ("diffmic", ["train.denoiser_ce_weight=0.3"]),  # the same, a third of the weight
     # the BreastMNIST preset's two denoiser-encoder changes together, for the other presets
     "dcg_init_ce": ("diffmic", ["train.denoiser_encoder_init=dcg", "train.denoiser_ce_weight=1.0"]),
+    # harder training targets: the denoiser's training priors tempered, tau log-uniform on [1, 4] (docs/method.md)
+    "temper": ("diffmic", ["train.prior_temper_max=4.0"]),
     "no_local": ("diffmic", ["model.local_branch=false"]),  # the paper's ablations, on the config as it is
     "no_mmd": ("diffmic", ["train.mmd_weight=0"]),
     "frozen": ("diffmic", ["train.joint_train=false"]),

@@ -121,6 +121,10 @@ class TrainConfig:
     # (training only; the head is not part of the model). 0 = off, the original: the denoiser's encoder
     # learns from the ε loss alone.
     denoiser_ce_weight: float = 0.0
+    # Harder training targets for the denoiser: each training prior (per image and noise draw, the same for
+    # the three streams) is tempered, softmax(log p / tau), with tau log-uniform on [1, prior_temper_max];
+    # 1 = off (the original). Inference always uses the prior as it is.
+    prior_temper_max: float = 1.0
     mmd_weight: float = 0.5
     noise_draws: int = 1  # (t, ε) draws per image per step; >1 reuses the features (cheap variance cut)
     ema_decay: float = 0.999
@@ -238,6 +242,8 @@ class DiffMICConfig:
                                   f"({m.denoiser_backbone}) must equal model.backbone ({m.backbone})")
         if not t.denoiser_ce_weight >= 0.0:
             raise ConfigError(f"train.denoiser_ce_weight must be >= 0, got {t.denoiser_ce_weight}")
+        if not t.prior_temper_max >= 1.0:
+            raise ConfigError(f"train.prior_temper_max must be >= 1 (1 = off), got {t.prior_temper_max}")
         if not 0.0 <= m.denoiser_dropout < 1.0:
             raise ConfigError(f"model.denoiser_dropout must be in [0, 1), got {m.denoiser_dropout}")
         if t.crossfit_folds == 1 or t.crossfit_folds < 0:

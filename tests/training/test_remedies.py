@@ -113,6 +113,66 @@ def test_crossfit_training_feeds_out_of_fold_priors_and_checkpoints_them(tmp_pat
     assert "diffmic_crossfit" not in torch.load(result.model_path, weights_only=True)["state_dict"]
 
 
+def test_temper_priors_keeps_the_ranking_and_flattens():
+    from diffmic.training.augment import draw_prior_temperatures, temper_priors
+
+    p = torch.tensor([[0.7, 0.2, 0.1], [1.0, 0.0, 0.0], [0.05, 0.9, 0.05]])
+    torch.testing.assert_close(temper_priors(p, torch.ones(3)), p.clamp_min(1e-12) / p.clamp_min(1e-12).sum(1, True))
+    q2, q4 = temper_priors(p, torch.full((3,), 2.0)), temper_priors(p, torch.full((3,), 4.0))
+    for q in (q2, q4):
+        assert torch.isfinite(q).all() and torch.allclose(q.sum(1), torch.ones(3))
+        assert torch.equal(q.argmax(1), p.argmax(1))
+    assert (q4.amax(1) < q2.amax(1)).all() and (q2.amax(1) < p.amax(1)).all()
+    # softmax(log p / 2) is sqrt(p) renormalised
+    torch.testing.assert_close(q2[0], p[0].sqrt() / p[0].sqrt().sum())
+    tau = draw_prior_temperatures(20000, 4.0, generator=torch.Generator().manual_seed(0))
+    assert tau.min() >= 1.0 and tau.max() <= 4.0
+    assert tau.log().mean().item() == pytest.approx(0.5 * np.log(4.0), abs=0.02)  # log-uniform: mean log = log(4)/2
+
+
+@pytest.mark.parametrize("temper_max", [1.0, 4.0])
+def test_prior_tempering_reaches_the_diffusion_loss_only(tmp_path, monkeypatch, temper_max):
+    from diffmic.diffusion.schedule import CardSchedule
+    from diffmic.training import api, module
+
+    seen: list[torch.Tensor] = []
+    calls: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    q_sample, temper = CardSchedule.q_sample, module.temper_priors
+
+    def record_q(self, y0, prior, t, eps):
+        seen.append(prior.detach().clone())
+        return q_sample(self, y0, prior, t, eps)
+
+    def record_temper(p, tau):
+        out = temper(p, tau)
+        calls.append((p.detach().clone(), tau.detach().clone(), out.detach().clone()))
+        return out
+
+    monkeypatch.setattr(CardSchedule, "q_sample", record_q)
+    monkeypatch.setattr(module, "temper_priors", record_temper)
+    cfg = DiffMICConfig.from_yaml(None, [*BASE, f"train.prior_temper_max={temper_max}", "train.noise_draws=2",
+                                         f"train.out_dir={tmp_path}", "train.run_name=r"])
+    result = api.train(cfg, data=_synthetic_bundle())
+    assert seen and np.isfinite(result.metrics["test"]["diffusion"]["acc"])
+    if temper_max == 1.0:
+        assert not calls
+        return
+    assert len(calls) == len(seen)  # every prior of the diffusion loss is tempered, nothing else is
+    for i in range(0, len(calls), 3):  # one tau per row, shared by the three streams of a step
+        assert all(torch.equal(calls[i][1], calls[j][1]) for j in (i + 1, i + 2))
+    for (p, tau, out), prior in zip(calls, seen, strict=True):
+        torch.testing.assert_close(prior, out)
+        assert tau.min() >= 1.0 and tau.max() <= temper_max and tau.std() > 0
+        assert torch.equal(out.argmax(1), p.argmax(1)) and (out.amax(1) <= p.amax(1) + 1e-6).all()
+
+
+def test_prior_temper_max_config_error():
+    from diffmic.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="prior_temper_max must be >= 1"):
+        DiffMICConfig.from_yaml(None, [*BASE, "train.prior_temper_max=0.5"])
+
+
 def test_dcg_recipe_schedule_and_joint_rate():
     cfg = DiffMICConfig.from_yaml(None, [*BASE, "train.dcg_pretrain_epochs=4", "train.dcg_lr=1e-3",
                                          "train.dcg_schedule=warmup_cosine", "train.dcg_warmup_epochs=1",

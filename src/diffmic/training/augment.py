@@ -1,4 +1,5 @@
-"""Batch augmentation on [0, 1] images (flips and rotation), run inside the training step."""
+"""Batch augmentation run inside the training step: images in [0, 1] (flips and rotation) and the
+denoiser's training priors (tempering)."""
 
 from __future__ import annotations
 
@@ -39,3 +40,21 @@ def augment_batch(
         grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
         x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     return x
+
+
+def temper_priors(priors: Tensor, temperature: Tensor) -> Tensor:
+    """``softmax(log p / τ)`` row by row: the same class ranking, flattened towards uniform for τ > 1.
+
+    ``priors`` are probabilities ``(B, C)``; ``temperature`` is ``(B,)`` with τ ≥ 1 (τ = 1 returns the
+    prior up to rounding). Probabilities are floored at 1e-12 before the log, so a one-hot prior stays
+    finite.
+    """
+    logits = priors.clamp_min(1e-12).log() / temperature.unsqueeze(1)
+    return logits.softmax(1)
+
+
+def draw_prior_temperatures(n: int, max_temperature: float, *, device: torch.device | str | None = None,
+                            generator: torch.Generator | None = None) -> Tensor:
+    """``n`` temperatures log-uniform on ``[1, max_temperature]`` (``train.prior_temper_max``)."""
+    u = torch.rand(n, generator=generator, device=device)
+    return torch.exp(u * math.log(max_temperature))

@@ -18,7 +18,7 @@ from diffmic.diffusion.readout import readout_probs
 from diffmic.evaluation.metrics import classification_metrics
 from diffmic.models.factory import build_model
 from diffmic.models.guidance import GuidanceOutput
-from diffmic.training.augment import augment_batch
+from diffmic.training.augment import augment_batch, draw_prior_temperatures, temper_priors
 from diffmic.training.checkpointing import rng_state, set_rng_state
 from diffmic.training.crossfit import CrossFit, crossfit_priors
 from diffmic.training.ema import EMA
@@ -231,6 +231,9 @@ class DiffMICModule(L.LightningModule):
         if k > 1:  # K independent (t, ε) per image, as a K·B batch for the cheap MLP
             feats, y = feats.repeat(k, 1), y.repeat(k)
             priors = [p.repeat(k, 1) for p in priors]
+        if t_cfg.prior_temper_max > 1.0:  # harder targets: one tau per row, shared by the three streams
+            tau = draw_prior_temperatures(len(y), t_cfg.prior_temper_max, device=y.device)
+            priors = [temper_priors(p, tau) for p in priors]
         y0 = F.one_hot(y, model.num_classes).float()
         t = antithetic_timesteps(len(y), model.schedule.num_timesteps, device=y.device)
         eps = torch.randn_like(y0)  # shared by the three streams
