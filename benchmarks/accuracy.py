@@ -54,6 +54,8 @@ ROWS: dict[str, tuple[str, list[str]]] = {
     "dcg_init_ce": ("diffmic", ["train.denoiser_encoder_init=dcg", "train.denoiser_ce_weight=1.0"]),
     # harder training targets: the denoiser's training priors tempered, tau log-uniform on [1, 4] (docs/method.md)
     "temper": ("diffmic", ["train.prior_temper_max=4.0"]),
+    # image-conditioning dropout: 15% of the denoiser's training rows see no image (docs/method.md)
+    "image_dropout": ("diffmic", ["train.image_dropout=0.15"]),
     "no_local": ("diffmic", ["model.local_branch=false"]),  # the paper's ablations, on the config as it is
     "no_mmd": ("diffmic", ["train.mmd_weight=0"]),
     "frozen": ("diffmic", ["train.joint_train=false"]),

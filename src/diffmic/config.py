@@ -125,6 +125,11 @@ class TrainConfig:
     # the three streams) is tempered, softmax(log p / tau), with tau log-uniform on [1, prior_temper_max];
     # 1 = off (the original). Inference always uses the prior as it is.
     prior_temper_max: float = 1.0
+    # Image-conditioning dropout (classifier-free-guidance style): in the diffusion loss, each row (image and
+    # noise draw, the same for the three streams) has its image features replaced by ones, the neutral value of
+    # the denoiser's multiplicative gate, with this probability, so the MLP also learns an image-free path
+    # from (y_t, prior, t). 0 = off (the original). Inference always sees the image.
+    image_dropout: float = 0.0
     mmd_weight: float = 0.5
     noise_draws: int = 1  # (t, ε) draws per image per step; >1 reuses the features (cheap variance cut)
     ema_decay: float = 0.999
@@ -244,6 +249,8 @@ class DiffMICConfig:
             raise ConfigError(f"train.denoiser_ce_weight must be >= 0, got {t.denoiser_ce_weight}")
         if not t.prior_temper_max >= 1.0:
             raise ConfigError(f"train.prior_temper_max must be >= 1 (1 = off), got {t.prior_temper_max}")
+        if not 0.0 <= t.image_dropout < 1.0:
+            raise ConfigError(f"train.image_dropout must be in [0, 1), got {t.image_dropout}")
         if not 0.0 <= m.denoiser_dropout < 1.0:
             raise ConfigError(f"model.denoiser_dropout must be in [0, 1), got {m.denoiser_dropout}")
         if t.crossfit_folds == 1 or t.crossfit_folds < 0:

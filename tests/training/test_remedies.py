@@ -173,6 +173,57 @@ def test_prior_temper_max_config_error():
         DiffMICConfig.from_yaml(None, [*BASE, "train.prior_temper_max=0.5"])
 
 
+def test_drop_image_features_replaces_whole_rows_by_ones():
+    from diffmic.training.augment import drop_image_features
+
+    feats = torch.randn(4000, 8, requires_grad=True)
+    torch.testing.assert_close(drop_image_features(feats, 0.0), feats, rtol=0, atol=0)
+    out = drop_image_features(feats, 0.25, generator=torch.Generator().manual_seed(0))
+    dropped = (out == 1).all(1)
+    assert torch.equal(out[~dropped], feats[~dropped])  # a row is either the image's or all ones
+    assert dropped.float().mean().item() == pytest.approx(0.25, abs=0.02)
+    out.sum().backward()
+    assert (feats.grad[dropped] == 0).all() and (feats.grad[~dropped] == 1).all()
+
+
+@pytest.mark.parametrize("p", [0.0, 0.5])
+def test_image_dropout_reaches_the_training_loss_only(tmp_path, monkeypatch, p):
+    from diffmic.models.denoiser import LabelDenoiser
+    from diffmic.training import api
+
+    calls: list[tuple[bool, torch.Tensor]] = []
+    denoise = LabelDenoiser.denoise
+
+    def record(self, feats, y_t, prior, t):
+        calls.append((torch.is_grad_enabled(), feats.detach().clone()))
+        return denoise(self, feats, y_t, prior, t)
+
+    monkeypatch.setattr(LabelDenoiser, "denoise", record)
+    cfg = DiffMICConfig.from_yaml(None, [*BASE, f"train.image_dropout={p}", "train.noise_draws=2",
+                                         f"train.out_dir={tmp_path}", "train.run_name=r"])
+    result = api.train(cfg, data=_synthetic_bundle())
+    assert np.isfinite(result.metrics["test"]["diffusion"]["acc"])
+    train = [f for grad, f in calls if grad]
+    infer = [f for grad, f in calls if not grad]
+    assert train and infer
+    assert not any((f == 1).all(1).any() for f in infer)  # validation and test always see the image
+    dropped = [(f == 1).all(1) for f in train]
+    for i in range(0, len(train), 3):  # the three streams of a step see the same features, same rows dropped
+        assert all(torch.equal(train[i], train[j]) for j in (i + 1, i + 2))
+    rate = torch.cat(dropped).float().mean().item()
+    if p == 0.0:
+        assert rate == 0.0
+    else:
+        assert 0.3 < rate < 0.7
+
+
+def test_image_dropout_config_error():
+    from diffmic.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="image_dropout must be in"):
+        DiffMICConfig.from_yaml(None, [*BASE, "train.image_dropout=1.0"])
+
+
 def test_dcg_recipe_schedule_and_joint_rate():
     cfg = DiffMICConfig.from_yaml(None, [*BASE, "train.dcg_pretrain_epochs=4", "train.dcg_lr=1e-3",
                                          "train.dcg_schedule=warmup_cosine", "train.dcg_warmup_epochs=1",

@@ -58,3 +58,11 @@ def draw_prior_temperatures(n: int, max_temperature: float, *, device: torch.dev
     """``n`` temperatures log-uniform on ``[1, max_temperature]`` (``train.prior_temper_max``)."""
     u = torch.rand(n, generator=generator, device=device)
     return torch.exp(u * math.log(max_temperature))
+
+
+def drop_image_features(feats: Tensor, p: float, *, generator: torch.Generator | None = None) -> Tensor:
+    """Image-conditioning dropout (``train.image_dropout``): each row of ``feats`` ``(B, F)`` becomes all
+    ones, the neutral value of the denoiser's gate ``feats * h``, with probability ``p``; the others are
+    returned as they are (and keep their gradient)."""
+    drop = torch.rand(feats.shape[0], generator=generator, device=feats.device) < p
+    return torch.where(drop.unsqueeze(1), torch.ones_like(feats), feats)

@@ -18,7 +18,7 @@ from diffmic.diffusion.readout import readout_probs
 from diffmic.evaluation.metrics import classification_metrics
 from diffmic.models.factory import build_model
 from diffmic.models.guidance import GuidanceOutput
-from diffmic.training.augment import augment_batch, draw_prior_temperatures, temper_priors
+from diffmic.training.augment import augment_batch, draw_prior_temperatures, drop_image_features, temper_priors
 from diffmic.training.checkpointing import rng_state, set_rng_state
 from diffmic.training.crossfit import CrossFit, crossfit_priors
 from diffmic.training.ema import EMA
@@ -234,6 +234,8 @@ class DiffMICModule(L.LightningModule):
         if t_cfg.prior_temper_max > 1.0:  # harder targets: one tau per row, shared by the three streams
             tau = draw_prior_temperatures(len(y), t_cfg.prior_temper_max, device=y.device)
             priors = [temper_priors(p, tau) for p in priors]
+        if t_cfg.image_dropout > 0.0:  # an image-free path: rows whose features are the gate's neutral ones
+            feats = drop_image_features(feats, t_cfg.image_dropout)
         y0 = F.one_hot(y, model.num_classes).float()
         t = antithetic_timesteps(len(y), model.schedule.num_timesteps, device=y.device)
         eps = torch.randn_like(y0)  # shared by the three streams
