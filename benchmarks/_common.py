@@ -125,3 +125,28 @@ def publish(kind: str, out: Path, result: dict, docs: Path | None, render, secti
     if docs is not None:
         update_section(docs, section or kind, render(result))
         print(f"[{kind}] updated {docs}")
+
+
+def load_model_and_data(path: Path):
+    """A trained ``model.pt`` (eval mode) and its own data set (raises ``DiffMICError`` on a bad path)."""
+    from diffmic.data.registry import build_data
+    from diffmic.models.checkpoint import load_model
+    from diffmic.runs import model_data_config
+
+    model = load_model(path).eval()
+    return model, build_data(model_data_config(model))
+
+
+def split_tensors(split: Any):
+    """A split's images as float (N, C, H, W) in [0, 1] and its labels as long (N,)."""
+    return torch.from_numpy(split.images).permute(0, 3, 1, 2).float() / 255.0, torch.from_numpy(split.labels).long()
+
+
+def finish(out: Path | None, result: dict[str, Any]) -> int:
+    """Write ``result`` to ``out`` (or print its models as JSON) and return the exit status 0."""
+    if out:
+        write_json(out, result)
+        print(f"written to {out}")
+    else:
+        print(json.dumps(result["models"], indent=1))
+    return 0

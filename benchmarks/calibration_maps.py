@@ -149,17 +149,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     common.set_threads(args.threads)
 
-    from diffmic.data.registry import build_data
     from diffmic.errors import DiffMICError
-    from diffmic.models.checkpoint import load_model
-    from diffmic.runs import model_data_config
 
     result = {"info": common.run_info("benchmarks/calibration_maps.py", argv),
               "settings": {"folds": args.folds, "floor": args.floor}, "models": {}}
     for path in args.models:
         try:
-            model = load_model(path).eval()
-            data = build_data(model_data_config(model))
+            model, data = common.load_model_and_data(path)
         except DiffMICError as exc:
             print(f"calibration_maps: error: {exc}", file=sys.stderr)
             return 1

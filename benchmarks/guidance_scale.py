@@ -19,7 +19,6 @@ diagnosis only: choose anything on the val columns.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -97,27 +96,19 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     common.set_threads(args.threads)
-    import torch
-
-    from diffmic.data.registry import build_data
     from diffmic.errors import DiffMICError
-    from diffmic.models.checkpoint import load_model
-    from diffmic.runs import model_data_config
 
     result = {"info": common.run_info("benchmarks/guidance_scale.py", argv), "models": {}}
     for path in args.models:
         try:
-            model = load_model(path).eval()
-            data = build_data(model_data_config(model))
+            model, data = common.load_model_and_data(path)
         except DiffMICError as exc:
             print(f"guidance_scale: error: {exc}", file=sys.stderr)
             return 1
         logits, labels = {}, {}
         for split in ("val", "test"):
-            d = getattr(data, split)
-            images = torch.from_numpy(d.images).permute(0, 3, 1, 2).float() / 255.0
+            images, labels[split] = common.split_tensors(getattr(data, split))
             logits[split] = split_logits(model, images, args.scales)
-            labels[split] = torch.from_numpy(d.labels).long()
         scored = score(logits, labels, model.num_classes)
         result["models"][str(path)] = {"image_dropout": model.config.get("train", {}).get("image_dropout", 0.0),
                                        "readouts": scored}
@@ -126,12 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, r in scored.items():
             cells = ["/".join(f"{r[s][k]:.3f}" for k in ("acc", "auroc", "nll", "ece")) for s in ("val", "test")]
             print(f"  {name:<8} {r['temperature']['T']:>7.3f}  {cells[0]:>27}  {cells[1]:>27}")
-    if args.out:
-        common.write_json(args.out, result)
-        print(f"written to {args.out}")
-    else:
-        print(json.dumps(result["models"], indent=1))
-    return 0
+    return common.finish(args.out, result)
 
 
 if __name__ == "__main__":

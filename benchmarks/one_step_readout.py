@@ -37,7 +37,6 @@ Read the test columns as a diagnosis only: choose anything on the val columns.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -151,29 +150,22 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     common.set_threads(args.threads)
-    import torch
-
-    from diffmic.data.registry import build_data
     from diffmic.errors import DiffMICError
-    from diffmic.models.checkpoint import load_model
-    from diffmic.runs import model_data_config
 
     result = {"info": common.run_info("benchmarks/one_step_readout.py", argv), "models": {}, "residuals": {}}
     for path in args.models:
         try:
-            model = load_model(path).eval()
+            model, data = common.load_model_and_data(path)
             bad = [t for t in args.timesteps if not 0 <= t < model.schedule.num_timesteps]
             if bad:
                 raise DiffMICError(f"--timesteps {bad}: must be in [0, {model.schedule.num_timesteps - 1}]")
-            data = build_data(model_data_config(model))
         except DiffMICError as exc:
             print(f"one_step_readout: error: {exc}", file=sys.stderr)
             return 1
         per_split, residuals = {}, {}
         for split in args.splits:
-            d = getattr(data, split)
-            images = torch.from_numpy(d.images).permute(0, 3, 1, 2).float() / 255.0
-            per_split[split] = readouts(model, images, torch.from_numpy(d.labels).long(), timesteps=args.timesteps,
+            images, labels = common.split_tensors(getattr(data, split))
+            per_split[split] = readouts(model, images, labels, timesteps=args.timesteps,
                                         chains=args.chains, temperature=args.temperature,
                                         vote_chains=args.vote_chains, residuals=residuals.setdefault(split, {}))
         result["models"][str(path)] = per_split
@@ -185,12 +177,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {split:<5}  " + "  ".join(f"{r[c]['acc']:.3f} / {r[c]['auroc']:.3f}".rjust(16) for c in cols))
         for split, r in residuals.items():
             print(f"  {split:<5}  mean path − prior: sd {r['sd']:.4f}, toward the label {r['toward_label']:+.4f}")
-    if args.out:
-        common.write_json(args.out, result)
-        print(f"written to {args.out}")
-    else:
-        print(json.dumps(result["models"], indent=1))
-    return 0
+    return common.finish(args.out, result)
 
 
 if __name__ == "__main__":
