@@ -56,6 +56,8 @@ ROWS: dict[str, tuple[str, list[str]]] = {
     "temper": ("diffmic", ["train.prior_temper_max=4.0"]),
     # image-conditioning dropout: 15% of the denoiser's training rows see no image (docs/method.md)
     "image_dropout": ("diffmic", ["train.image_dropout=0.15"]),
+    # ROI crops chosen on the global branch's top-class map (the binary presets' rule), for a class-sum preset
+    "roi_top": ("diffmic", ["model.roi_saliency=top_class"]),
     "no_local": ("diffmic", ["model.local_branch=false"]),  # the paper's ablations, on the config as it is
     "no_mmd": ("diffmic", ["train.mmd_weight=0"]),
     "frozen": ("diffmic", ["train.joint_train=false"]),
