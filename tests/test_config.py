@@ -139,6 +139,23 @@ def test_invalid_values(override):
         load(override)
 
 
+@pytest.mark.parametrize("override", [
+    "train.epochs=-1", "train.dcg_pretrain_epochs=-2", "data.val_fraction=0.9", "model.top_t=1.5",
+    "train.ema_decay=1.0", "eval.temperature=0", "diffusion.eta=-0.1",
+])
+def test_invalid_value_errors_name_the_option_and_the_value(override):
+    key, value = override.split("=")
+    with pytest.raises(ConfigError) as ei:
+        load(override)
+    msg = str(ei.value)
+    assert key in msg and str(float(value) if "." in value else int(value)) in msg
+
+
+def test_no_epochs_at_all_is_refused():
+    with pytest.raises(ConfigError, match=r"train.epochs \+ train.dcg_pretrain_epochs must be > 0"):
+        load("train.epochs=0", "train.dcg_pretrain_epochs=0")
+
+
 def test_sampling_steps_cannot_exceed_timesteps():
     with pytest.raises(ConfigError, match="sampling_steps"):
         load("diffusion.timesteps=10", "diffusion.sampling_steps=11")

@@ -278,11 +278,15 @@ class DiffMICConfig:
         if d.channels not in (None, 1, 3):
             raise ConfigError(f"data.channels must be 1, 3 or null, got {d.channels}")
         if not (0 <= d.val_fraction < 1 and 0 <= d.test_fraction < 1 and d.val_fraction + d.test_fraction < 1):
-            raise ConfigError("data.val_fraction and data.test_fraction must be in [0, 1) and sum below 1")
-        if t.epochs < 0 or t.dcg_pretrain_epochs < 0:
-            raise ConfigError("train.epochs and train.dcg_pretrain_epochs must be >= 0")
+            raise ConfigError(
+                "data.val_fraction and data.test_fraction must be in [0, 1) and sum below 1, "
+                f"got {d.val_fraction} and {d.test_fraction}"
+            )
+        for name, value in (("train.epochs", t.epochs), ("train.dcg_pretrain_epochs", t.dcg_pretrain_epochs)):
+            if value < 0:
+                raise ConfigError(f"{name} must be >= 0, got {value}")
         if t.epochs + t.dcg_pretrain_epochs == 0:
-            raise ConfigError("train.epochs + train.dcg_pretrain_epochs must be > 0")
+            raise ConfigError("train.epochs + train.dcg_pretrain_epochs must be > 0, got 0 and 0")
         if not 0.0 <= t.ema_decay < 1.0:
             raise ConfigError(f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
         if e.temperature <= 0:
