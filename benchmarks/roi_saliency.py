@@ -80,25 +80,17 @@ def model_stats(model, images, batch: int) -> dict[str, object]:
     from diffmic.models.roi import window_size
 
     g = model.guidance
-    total: dict[str, object] | None = None
-    window = (1, 1)
-    h = w = 0
+    parts = []
     with torch.no_grad():
         for start in range(0, len(images), batch):
             x = model.normalize(images[start:start + batch])
             out = g(x)
-            cam = out.saliency
-            h, w = cam.shape[-2:]
+            h, w = out.saliency.shape[-2:]
             window = window_size((g.crop_size, g.crop_size), (h, w), tuple(x.shape[-2:]))
-            part = saliency_stats(cam, out.logits_global.softmax(dim=1), window, g.num_crops)
-            if total is None:
-                total = part
-            else:
-                total = {"n": total["n"] + part["n"],
-                         "sum_to_class_sd": total["sum_to_class_sd"] + part["sum_to_class_sd"],
-                         "top_to_class_sd": total["top_to_class_sd"] + part["top_to_class_sd"],
-                         "shared": {key: total["shared"][key] + v for key, v in part["shared"].items()}}
-    assert total is not None, "no images"
+            parts.append(saliency_stats(out.saliency, out.logits_global.softmax(dim=1), window, g.num_crops))
+    assert parts, "no images"
+    total = {key: sum(p[key] for p in parts) for key in ("n", "sum_to_class_sd", "top_to_class_sd")}
+    total["shared"] = {key: sum(p["shared"][key] for p in parts) for key in parts[0]["shared"]}
     n = total["n"]
     c = model.num_classes
     return {
@@ -124,12 +116,10 @@ def main(argv: list[str] | None = None) -> int:
     for path in args.models:
         try:
             model, data = common.load_model_and_data(path)
+            if model.guidance.local_net is None:
+                raise DiffMICError(f"{path}: model.local_branch is false, the model takes no crops")
         except DiffMICError as exc:
             print(f"roi_saliency: error: {exc}", file=sys.stderr)
-            return 1
-        if model.guidance.local_net is None:
-            print(f"roi_saliency: error: {path}: model.local_branch is false, the model takes no crops",
-                  file=sys.stderr)
             return 1
         entry: dict[str, object] = {"trained_rule": model.guidance.roi_saliency, "classes": model.num_classes}
         print(f"{path} (trained with {model.guidance.roi_saliency}, {model.num_classes} classes)")
