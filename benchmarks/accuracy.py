@@ -58,6 +58,9 @@ ROWS: dict[str, tuple[str, list[str]]] = {
     "image_dropout": ("diffmic", ["train.image_dropout=0.15"]),
     # ROI crops chosen on the global branch's top-class map (the binary presets' rule), for a class-sum preset
     "roi_top": ("diffmic", ["model.roi_saliency=top_class"]),
+    # GMIC's loss: cross-entropy on the global and local logits too, so the two branch priors that the
+    # denoiser's MMD streams are conditioned on are each trained as a classifier (docs/method.md)
+    "aux_all": ("diffmic", ["train.aux_loss=all"]),
     "no_local": ("diffmic", ["model.local_branch=false"]),  # the paper's ablations, on the config as it is
     "no_mmd": ("diffmic", ["train.mmd_weight=0"]),
     "frozen": ("diffmic", ["train.joint_train=false"]),

@@ -367,3 +367,20 @@ def test_denoiser_ce_weight_config_error():
     assert head is not None and (head.in_features, head.out_features) == (64, 3)
     opt_params = {id(p) for g in module.configure_optimizers()[0].param_groups for p in g["params"]}
     assert {id(p) for p in head.parameters()} <= opt_params
+
+
+@pytest.mark.parametrize("mode", ["fused", "all"])
+def test_aux_loss_trains_the_fused_logits_or_all_three(mode):
+    from diffmic.models.guidance import GuidanceOutput
+
+    cfg = DiffMICConfig.from_yaml(None, [*BASE, f"train.aux_loss={mode}"])
+    module = DiffMICModule(cfg.to_dict(), {"num_classes": 3, "in_chans": 3, "image_size": 28})
+    g = torch.Generator().manual_seed(0)
+    fused, glob, loc = (torch.randn(5, 3, generator=g) for _ in range(3))
+    y = torch.tensor([0, 1, 2, 1, 0])
+    guide = GuidanceOutput(logits=fused, logits_global=glob, logits_local=loc, saliency=torch.zeros(5, 3, 4, 4),
+                           corners=torch.zeros(5, 0, 2, dtype=torch.long), attention=torch.zeros(5, 0),
+                           features=torch.zeros(5, 8))
+    ce = torch.nn.functional.cross_entropy
+    expected = ce(fused, y) + (ce(glob, y) + ce(loc, y) if mode == "all" else 0.0)
+    torch.testing.assert_close(module._aux_loss(guide, y), torch.as_tensor(expected))
