@@ -9,7 +9,9 @@ import os
 import platform
 import shlex
 import subprocess
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -135,6 +137,25 @@ def load_model_and_data(path: Path):
 
     model = load_model(path).eval()
     return model, build_data(model_data_config(model))
+
+
+def for_each_model(script: str, paths: list[Path], body: Callable[[Path, Any, Any], None],
+                   check: Callable[[Path, Any], None] | None = None) -> int:
+    """Load each trained ``model.pt`` with its data set, run ``check(path, model)`` (which may raise
+    ``DiffMICError``) and ``body(path, model, data)``; a bad file prints one "<script>: error: ..." line
+    and returns 1 before anything else runs on it, else 0."""
+    from diffmic.errors import DiffMICError
+
+    for path in paths:
+        try:
+            model, data = load_model_and_data(path)
+            if check is not None:
+                check(path, model)
+        except DiffMICError as exc:
+            print(f"{script}: error: {exc}", file=sys.stderr)
+            return 1
+        body(path, model, data)
+    return 0
 
 
 def split_tensors(split: Any):

@@ -149,16 +149,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     common.set_threads(args.threads)
 
-    from diffmic.errors import DiffMICError
-
     result = {"info": common.run_info("benchmarks/calibration_maps.py", argv),
               "settings": {"folds": args.folds, "floor": args.floor}, "models": {}}
-    for path in args.models:
-        try:
-            model, data = common.load_model_and_data(path)
-        except DiffMICError as exc:
-            print(f"calibration_maps: error: {exc}", file=sys.stderr)
-            return 1
+
+    def each(path, model, data) -> None:
         val = split_outputs(model, data.val, batch_size=args.batch_size)
         test = split_outputs(model, data.test, batch_size=args.batch_size)
         maps = compare_maps(val, test, num_classes=model.num_classes, folds=args.folds, floor=args.floor)
@@ -170,6 +164,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {name:>14}  {temps:>16}  {r['val_nll']:.4f} ({r['val_nll_out_of_fold']:.4f})  "
                   f"{r['val_acc']:.3f}/{r['val_auroc']:.3f} | {r['test_acc']:.3f}/{r['test_auroc']:.3f}  "
                   f"{r['test_ece']:.3f}  {r['test_nll']:.3f}  {r['test_aurc']:.3f}", flush=True)
+
+    if common.for_each_model("calibration_maps", args.models, each):
+        return 1
     if args.out:
         common.write_json(args.out, result)
         print(f"written to {args.out}")

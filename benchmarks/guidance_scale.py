@@ -96,15 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     common.set_threads(args.threads)
-    from diffmic.errors import DiffMICError
-
     result = {"info": common.run_info("benchmarks/guidance_scale.py", argv), "models": {}}
-    for path in args.models:
-        try:
-            model, data = common.load_model_and_data(path)
-        except DiffMICError as exc:
-            print(f"guidance_scale: error: {exc}", file=sys.stderr)
-            return 1
+
+    def each(path, model, data) -> None:
         logits, labels = {}, {}
         for split in ("val", "test"):
             images, labels[split] = common.split_tensors(getattr(data, split))
@@ -117,6 +111,9 @@ def main(argv: list[str] | None = None) -> int:
         for name, r in scored.items():
             cells = ["/".join(f"{r[s][k]:.3f}" for k in ("acc", "auroc", "nll", "ece")) for s in ("val", "test")]
             print(f"  {name:<8} {r['temperature']['T']:>7.3f}  {cells[0]:>27}  {cells[1]:>27}")
+
+    if common.for_each_model("guidance_scale", args.models, each):
+        return 1
     return common.finish(args.out, result)
 
 

@@ -153,15 +153,13 @@ def main(argv: list[str] | None = None) -> int:
     from diffmic.errors import DiffMICError
 
     result = {"info": common.run_info("benchmarks/one_step_readout.py", argv), "models": {}, "residuals": {}}
-    for path in args.models:
-        try:
-            model, data = common.load_model_and_data(path)
-            bad = [t for t in args.timesteps if not 0 <= t < model.schedule.num_timesteps]
-            if bad:
-                raise DiffMICError(f"--timesteps {bad}: must be in [0, {model.schedule.num_timesteps - 1}]")
-        except DiffMICError as exc:
-            print(f"one_step_readout: error: {exc}", file=sys.stderr)
-            return 1
+
+    def check(path, model) -> None:
+        bad = [t for t in args.timesteps if not 0 <= t < model.schedule.num_timesteps]
+        if bad:
+            raise DiffMICError(f"--timesteps {bad}: must be in [0, {model.schedule.num_timesteps - 1}]")
+
+    def each(path, model, data) -> None:
         per_split, residuals = {}, {}
         for split in args.splits:
             images, labels = common.split_tensors(getattr(data, split))
@@ -177,6 +175,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {split:<5}  " + "  ".join(f"{r[c]['acc']:.3f} / {r[c]['auroc']:.3f}".rjust(16) for c in cols))
         for split, r in residuals.items():
             print(f"  {split:<5}  mean path − prior: sd {r['sd']:.4f}, toward the label {r['toward_label']:+.4f}")
+
+    if common.for_each_model("one_step_readout", args.models, each, check):
+        return 1
     return common.finish(args.out, result)
 
 

@@ -113,14 +113,12 @@ def main(argv: list[str] | None = None) -> int:
     from diffmic.errors import DiffMICError
 
     result = {"info": common.run_info("benchmarks/roi_saliency.py", argv), "models": {}}
-    for path in args.models:
-        try:
-            model, data = common.load_model_and_data(path)
-            if model.guidance.local_net is None:
-                raise DiffMICError(f"{path}: model.local_branch is false, the model takes no crops")
-        except DiffMICError as exc:
-            print(f"roi_saliency: error: {exc}", file=sys.stderr)
-            return 1
+
+    def check(path, model) -> None:
+        if model.guidance.local_net is None:
+            raise DiffMICError(f"{path}: model.local_branch is false, the model takes no crops")
+
+    def each(path, model, data) -> None:
         entry: dict[str, object] = {"trained_rule": model.guidance.roi_saliency, "classes": model.num_classes}
         print(f"{path} (trained with {model.guidance.roi_saliency}, {model.num_classes} classes)")
         for split in args.splits:
@@ -132,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"{s['independent_maps_sd']:.2f}x), top-class {s['top_to_class_sd']:.2f}x; shared windows of "
                   f"{s['num_crops']}: {pairs} (chance {s['chance_shared']:.2f})")
         result["models"][str(path)] = entry
+
+    if common.for_each_model("roi_saliency", args.models, each, check):
+        return 1
     return common.finish(args.out, result)
 
 
