@@ -61,6 +61,8 @@ ROWS: dict[str, tuple[str, list[str]]] = {
     # GMIC's loss: cross-entropy on the global and local logits too, so the two branch priors that the
     # denoiser's MMD streams are conditioned on are each trained as a classifier (docs/method.md)
     "aux_all": ("diffmic", ["train.aux_loss=all"]),
+    # the diffusion conditions on softmax(DCG logits / 2), in training and at inference (docs/method.md)
+    "prior_tau": ("diffmic", ["model.prior_temperature=2"]),
     "no_local": ("diffmic", ["model.local_branch=false"]),  # the paper's ablations, on the config as it is
     "no_mmd": ("diffmic", ["train.mmd_weight=0"]),
     "frozen": ("diffmic", ["train.joint_train=false"]),

@@ -98,7 +98,7 @@ def split_outputs(model, data, *, batch_size: int):
             guide = model.guidance(x)
             log_prior = guide.logits.log_softmax(dim=1)
             feats = model.encode(x, guide)
-            paths.append(model.mean_path(feats, log_prior.exp()).double())
+            paths.append(model.mean_path(feats, model.diffusion_prior(log_prior.exp())).double())
             logs.append(log_prior.double())
     return torch.cat(logs), torch.cat(paths), torch.from_numpy(data.labels).long()
 

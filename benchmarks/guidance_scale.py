@@ -66,7 +66,7 @@ def split_logits(model, images, scales) -> dict[str, object]:
         feats = model.encode(x, guide)
         out = {"prior": prior.clamp_min(1e-12).log()}
         for s in scales:
-            out[f"s={s:g}"] = guided_mean_path(model, feats, prior, s)
+            out[f"s={s:g}"] = guided_mean_path(model, feats, model.diffusion_prior(prior), s)
     return out
 
 

@@ -123,10 +123,11 @@ def readouts(model, images, labels, *, timesteps, chains: int, temperature: floa
     with torch.no_grad():
         x = model.normalize(images)
         guide = model.guidance(x)
-        prior = guide.logits.softmax(dim=1)
+        dcg_prior = guide.logits.softmax(dim=1)
+        prior = model.diffusion_prior(dcg_prior)  # what the diffusion starts from (model.prior_temperature)
         feats = model.encode(x, guide)
         path = model.mean_path(feats, prior)
-        out = {"prior": score(prior), "mean_path": y0_score(path)}
+        out = {"prior": score(dcg_prior), "mean_path": y0_score(path)}
         if residuals is not None:
             residuals.update(path_residual(prior, path, labels))
         gen = torch.Generator().manual_seed(0)

@@ -325,3 +325,24 @@ def test_bad_arguments(small_model, tmp_path, kwargs):
     with pytest.raises(ConfigError):
         export_onnx(small_model, tmp_path / "m.onnx", **kwargs)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_prior_temperature_is_in_the_exported_graph(small_model, tmp_path):
+    """A model with model.prior_temperature = 2: the wrapper starts the chains from the tempered prior as
+    DiffMIC does, returns the DCG's own prior, and the ONNX file agrees with PyTorch (export_onnx checks)."""
+    model = copy.deepcopy(small_model).eval()
+    model.prior_temperature = 2.0
+    images = torch.rand(3, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    noise = torch.randn(SAMPLES * 3, 2, generator=torch.Generator().manual_seed(7)).view(SAMPLES, 3, 2)
+    with torch.no_grad():
+        probs, prior, y0 = DiffMICInference(model, STEPS)(images, noise)
+        own = model(model.normalize(images), samples=SAMPLES, sampler="ddim", num_steps=STEPS,
+                    generator=torch.Generator().manual_seed(7))
+        flat = DiffMICInference(small_model.eval(), STEPS)(images, noise)
+    torch.testing.assert_close(probs, own.probs, rtol=0, atol=1e-6)
+    torch.testing.assert_close(prior, own.prior, rtol=0, atol=1e-6)
+    torch.testing.assert_close(prior, flat[1], rtol=0, atol=1e-6)  # the reported prior is not tempered
+    assert not torch.allclose(y0, flat[2], atol=1e-4)  # the chains are
+    path = export_onnx(model, tmp_path / "tau.onnx", samples=SAMPLES, num_steps=STEPS)
+    diffs = _max_diffs(_session(path), model, images, _noise(3, 2))
+    assert diffs["probs"] < TOL and diffs["prior"] < TOL, diffs

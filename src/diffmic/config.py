@@ -7,6 +7,7 @@ config: ``build_model`` reads it for them.
 
 from __future__ import annotations
 
+import math
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
@@ -75,6 +76,10 @@ class ModelConfig:
     # The DCG's local branch (ROI crops -> CNN -> gated-attention MIL). false: the paper's ablation
     # "without the local prior": the prior is the global branch alone and no crops are taken.
     local_branch: bool = True
+    # The diffusion conditions on, and starts from, softmax(DCG logits / prior_temperature), in training
+    # and at inference alike; the DCG's own prior (its cross-entropy, the reported prior) stays at 1.
+    # 1: the original. > 1 spreads a confident prior's scores over more of the simplex.
+    prior_temperature: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -237,6 +242,9 @@ class DiffMICConfig:
             raise ConfigError(f"eval.chain_noise=qmc sets the starting noise of DDIM chains; diffusion.sampler is "
                               f"{df.sampler!r}, which draws its noise at every step (use random, or sampler ddim)")
         _choice("model.roi_saliency", m.roi_saliency, ("class_sum", "top_class", "prior_weighted"))
+        if not (m.prior_temperature > 0 and math.isfinite(m.prior_temperature)):
+            raise ConfigError(f"model.prior_temperature must be a finite number > 0 (1 = off), "
+                              f"got {m.prior_temperature}")
         _choice("train.denoiser_encoder_init", t.denoiser_encoder_init, ("random", "dcg"))
         if t.denoiser_encoder_init == "dcg":
             if m.share_encoder:

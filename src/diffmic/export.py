@@ -77,7 +77,7 @@ class DiffMICInference(nn.Module):
         s, b, c = noise.shape
         # As DiffMIC.sample_y0: the S chains run as one batch, chain s of image i is row s*B + i.
         feats_s = feats.repeat(s, 1)
-        prior_s = prior.repeat(s, 1)
+        prior_s = m.diffusion_prior(prior).repeat(s, 1)
 
         def denoise_fn(y_t: Tensor, t: Tensor) -> Tensor:
             return m.denoiser.denoise(feats_s, y_t, prior_s, t)

@@ -139,3 +139,30 @@ def test_qmc_chain_noise_with_eta_and_other_samplers():
     with pytest.raises(ValueError, match="chain_noise"):
         DiffMIC(m.guidance, m.denoiser, m.schedule, class_names=["a", "b", "c"], image_size=28, in_chans=3,
                 mean=[0.5], std=[0.5], chain_noise="sobol")
+
+
+@torch.no_grad()
+def test_prior_temperature_moves_the_diffusion_prior_only():
+    """model.prior_temperature: the mean path of an untrained skip model returns softmax(logits / τ),
+    the reported prior stays the DCG's own softmax(logits), and τ = 1 is the identity."""
+    x = images()
+    one, two = make("eval.readout=mean_path"), make("eval.readout=mean_path", "model.prior_temperature=2")
+    assert one.prior_temperature == 1.0 and two.prior_temperature == 2.0
+    p = one.guidance(one.normalize(x)).logits.softmax(1)
+    assert one.diffusion_prior(p) is p
+    out1, out2 = one(one.normalize(x)), two(two.normalize(x))
+    torch.testing.assert_close(out2.prior, out1.prior)  # same weights (seeded): the same DCG prior
+    logits = two.guidance(two.normalize(x)).logits
+    torch.testing.assert_close(out2.path, (logits / 2).softmax(1), rtol=0, atol=1e-5)
+    torch.testing.assert_close(out1.path, out1.prior)
+    assert torch.equal(out2.path.argmax(1), out2.prior.argmax(1))
+    assert (out2.path.amax(1) < out2.prior.amax(1)).all()  # flatter: τ > 1
+    # chains start from the tempered prior too: with a zero-ε skip model every chain's y_0 is near it
+    many = two(two.normalize(x), samples=3, generator=torch.Generator().manual_seed(0))
+    assert many.y0.shape == (3, 5, 3)
+
+
+@pytest.mark.parametrize("bad", ["0", "-1", "inf", "nan"])
+def test_prior_temperature_config_error(bad):
+    with pytest.raises(ConfigError, match="model.prior_temperature must be a finite number > 0"):
+        DiffMICConfig.from_yaml(None, [*OVERRIDES, f"model.prior_temperature={bad}"])

@@ -384,3 +384,45 @@ def test_aux_loss_trains_the_fused_logits_or_all_three(mode):
     ce = torch.nn.functional.cross_entropy
     expected = ce(fused, y) + (ce(glob, y) + ce(loc, y) if mode == "all" else 0.0)
     torch.testing.assert_close(module._aux_loss(guide, y), torch.as_tensor(expected))
+
+
+def test_prior_temperature_reaches_the_diffusion_in_training_and_validation(tmp_path, monkeypatch):
+    """Every prior the diffusion loss and the validation chains see is DiffMIC.diffusion_prior of the DCG's
+    softmax (τ = 1, the identity, is tested at the model level); the saved model keeps τ."""
+    from diffmic.diffusion.schedule import CardSchedule
+    from diffmic.models import DiffMIC
+    from diffmic.training import api
+
+    tau = 2.0
+    made: list[torch.Tensor] = []
+    trained: list[torch.Tensor] = []
+    run_with: list[torch.Tensor] = []
+    q_sample, diffusion_prior, run_chains = CardSchedule.q_sample, DiffMIC.diffusion_prior, DiffMIC.run_chains
+
+    def record_prior(self, p):
+        out = diffusion_prior(self, p)
+        torch.testing.assert_close(out, (p.clamp_min(1e-12).log() / tau).softmax(-1))
+        made.append(out.detach().clone())
+        return out
+
+    def record_q(self, y0, prior, t, eps):
+        trained.append(prior.detach().clone())
+        return q_sample(self, y0, prior, t, eps)
+
+    def record_chains(self, feats, prior, **kw):
+        run_with.append(prior.detach().clone())
+        return run_chains(self, feats, prior, **kw)
+
+    monkeypatch.setattr(DiffMIC, "diffusion_prior", record_prior)
+    monkeypatch.setattr(CardSchedule, "q_sample", record_q)
+    monkeypatch.setattr(DiffMIC, "run_chains", record_chains)
+    cfg = DiffMICConfig.from_yaml(None, [*BASE, f"model.prior_temperature={tau}", f"train.out_dir={tmp_path}",
+                                         "train.run_name=r"])
+    result = api.train(cfg, data=_synthetic_bundle())
+    assert trained and run_with and np.isfinite(result.metrics["test"]["diffusion"]["acc"])
+    for p in [*trained, *run_with]:  # each one came out of diffusion_prior
+        assert any(p.shape == q.shape and torch.equal(p, q) for q in made)
+    assert max(float(p.amax()) for p in trained) < 1.0  # a tempered prior is never one-hot
+    from diffmic import load_model
+
+    assert load_model(result.model_path).prior_temperature == tau  # the saved model keeps it

@@ -94,7 +94,7 @@ def predict_readouts(
             prior = guide.logits.softmax(dim=1)
             feats = model.encode(x, guide)
             chains, path = model.run_chains(
-                feats, prior, samples=samples, path="mean_path" in readouts,
+                feats, model.diffusion_prior(prior), samples=samples, path="mean_path" in readouts,
                 chains=any(r != "mean_path" for r in readouts), generator=gen, sampler=sampler, num_steps=num_steps,
             )
             for r in readouts:

@@ -31,7 +31,7 @@ class Prediction(NamedTuple):
 
     probs: Tensor  # diffusion class probabilities of the readout, (B, C)
     y0: Tensor  # sampled y_0 vectors, (S, B, C) (the mean path as S = 1 when no chain was sampled)
-    prior: Tensor  # DCG fused prior softmax(½(g + l)), (B, C)
+    prior: Tensor  # DCG fused prior softmax(½(g + l)), (B, C); the diffusion's is DiffMIC.diffusion_prior(prior)
     guidance: GuidanceOutput
     path: Tensor | None = None  # y_0 of the deterministic mean path, (B, C), when it was run
 
@@ -68,6 +68,8 @@ class DiffMIC(nn.Module):
         eta: DDIM stochasticity.
         temperature: softmax temperature turning y_0 into probabilities.
         share_encoder: the denoiser embeds the DCG's pooled global features instead of the image.
+        prior_temperature: τ of the diffusion's prior softmax(DCG logits / τ) (:meth:`diffusion_prior`);
+            1 conditions the diffusion on the DCG's prior itself, as the original.
         readout: ``mean_path`` | ``vote`` | ``mean_softmax`` (:mod:`diffmic.diffusion.readout`).
         chain_noise: starting noise of the DDIM chains, ``random`` or ``qmc``
             (:func:`~diffmic.diffusion.sampling.chain_start_noise`); the other samplers draw theirs at random.
@@ -94,6 +96,7 @@ class DiffMIC(nn.Module):
         eta: float = 0.0,
         temperature: float = 0.1,
         share_encoder: bool = False,
+        prior_temperature: float = 1.0,
         readout: str = "mean_softmax",
         chain_noise: str = "random",
         config: dict[str, Any] | None = None,
@@ -111,6 +114,9 @@ class DiffMIC(nn.Module):
         self.eta = eta
         self.temperature = temperature
         self.share_encoder = share_encoder
+        if not prior_temperature > 0:
+            raise ValueError(f"prior_temperature must be > 0, got {prior_temperature}")
+        self.prior_temperature = float(prior_temperature)
         self.readout = readout
         if chain_noise not in CHAIN_NOISES:
             raise ValueError(f"chain_noise must be one of {list(CHAIN_NOISES)}, got {chain_noise!r}")
@@ -135,6 +141,17 @@ class DiffMIC(nn.Module):
     def normalize(self, x01: Tensor) -> Tensor:
         """Images in [0, 1] (B, C, H, W) -> normalised network input."""
         return (x01 - self.mean) / self.std
+
+    def diffusion_prior(self, prior: Tensor) -> Tensor:
+        """The DCG's prior probabilities (..., C) -> the prior the diffusion conditions on and starts from.
+
+        softmax(log p / τ) with τ = ``prior_temperature``, i.e. softmax(logits / τ) of the DCG's logits
+        (probabilities floored at 1e-12 first); τ = 1 returns ``prior`` itself. :meth:`run_chains`,
+        :meth:`sample_y0` and :meth:`mean_path` take this prior, and training uses the same map.
+        """
+        if self.prior_temperature == 1.0:
+            return prior
+        return (prior.clamp_min(1e-12).log() / self.prior_temperature).softmax(dim=-1)
 
     def encode(self, x: Tensor, guide: GuidanceOutput) -> Tensor:
         """Denoiser image embedding (B, F), computed once per image."""
@@ -246,7 +263,7 @@ class DiffMIC(nn.Module):
         feats = self.encode(x, guide)
         on_path = readout == "mean_path"
         chains, path = self.run_chains(
-            feats, prior, samples=samples, path=on_path, chains=not on_path or samples > 1,
+            feats, self.diffusion_prior(prior), samples=samples, path=on_path, chains=not on_path or samples > 1,
             generator=generator, sampler=sampler, num_steps=num_steps,
         )
         probs = readout_probs(readout, temperature=self.temperature, chains=chains, path=path)

@@ -77,6 +77,7 @@ def build_model(
         eta=d.eta,
         temperature=cfg.eval.temperature,
         share_encoder=m.share_encoder,
+        prior_temperature=m.prior_temperature,
         readout=cfg.eval.readout,
         chain_noise=cfg.eval.chain_noise,
         config=cfg.to_dict(),

@@ -224,6 +224,7 @@ class DiffMICModule(L.LightningModule):
             priors = [oof[:, 0], oof[:, 1], oof[:, 2]]
         else:
             priors = [guide.logits.softmax(1), guide.logits_global.softmax(1), guide.logits_local.softmax(1)]
+        priors = [model.diffusion_prior(p) for p in priors]  # model.prior_temperature, as at inference
         feats = model.encode(x, guide)  # once for all three streams and all noise draws
         # Supervised signal for the denoiser's own encoder (train.denoiser_ce_weight), on the un-repeated batch.
         head_ce = F.cross_entropy(self.denoiser_head(feats), y) if self.denoiser_head is not None else None
@@ -312,8 +313,8 @@ class DiffMICModule(L.LightningModule):
             with self.ema_weights():
                 feats = self.model.encode(x, guide)
                 chains, path = self.model.run_chains(
-                    feats, prior, samples=self.cfg.eval.samples, path=readout == "mean_path",
-                    chains=readout != "mean_path", generator=self._val_gen,
+                    feats, self.model.diffusion_prior(prior), samples=self.cfg.eval.samples,
+                    path=readout == "mean_path", chains=readout != "mean_path", generator=self._val_gen,
                 )
             probs = readout_probs(readout, temperature=self.model.temperature, chains=chains, path=path)
         self._val_outputs.append((probs, prior, y, index))
