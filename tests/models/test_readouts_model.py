@@ -157,7 +157,7 @@ def test_prior_temperature_moves_the_diffusion_prior_only():
     torch.testing.assert_close(out1.path, out1.prior)
     assert torch.equal(out2.path.argmax(1), out2.prior.argmax(1))
     assert (out2.path.amax(1) < out2.prior.amax(1)).all()  # flatter: τ > 1
-    # chains start from the tempered prior too: with a zero-ε skip model every chain's y_0 is near it
+    # the chains run on the same prior (one batch with the path when both are asked for)
     many = two(two.normalize(x), samples=3, generator=torch.Generator().manual_seed(0))
     assert many.y0.shape == (3, 5, 3)
 

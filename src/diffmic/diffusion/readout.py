@@ -25,6 +25,19 @@ def _check_chains(y0: Tensor) -> None:
         raise ValueError(f"chains must be (S, B, C) with S >= 1, got shape {tuple(y0.shape)}")
 
 
+def temper_priors(priors: Tensor, temperature: Tensor | float) -> Tensor:
+    """``softmax(log p / τ)`` row by row: the same class ranking, flattened towards uniform for τ > 1.
+
+    ``priors`` are probabilities ``(B, C)``; ``temperature`` is one τ or a ``(B,)`` tensor of them
+    (``train.prior_temper_max`` draws one per row; ``model.prior_temperature`` is one number). τ = 1
+    returns the prior up to rounding. Probabilities are floored at 1e-12 before the log, so a one-hot
+    prior stays finite.
+    """
+    if isinstance(temperature, Tensor) and temperature.dim() == 1:
+        temperature = temperature.unsqueeze(1)
+    return (priors.clamp_min(1e-12).log() / temperature).softmax(-1)
+
+
 def mean_softmax_probs(y0: Tensor, temperature: float) -> Tensor:
     """(S, B, C) sampled y_0 -> (B, C): mean over S of softmax(y_0 / temperature)."""
     _check_chains(y0)

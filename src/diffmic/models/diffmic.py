@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from diffmic.diffusion.readout import mean_softmax_probs, readout_probs
+from diffmic.diffusion.readout import mean_softmax_probs, readout_probs, temper_priors
 from diffmic.diffusion.sampling import CHAIN_NOISES, chain_start_noise, sample, sample_ddim, sample_mean_path
 from diffmic.diffusion.schedule import CardSchedule
 from diffmic.errors import DataError
@@ -145,13 +145,13 @@ class DiffMIC(nn.Module):
     def diffusion_prior(self, prior: Tensor) -> Tensor:
         """The DCG's prior probabilities (..., C) -> the prior the diffusion conditions on and starts from.
 
-        softmax(log p / τ) with τ = ``prior_temperature``, i.e. softmax(logits / τ) of the DCG's logits
-        (probabilities floored at 1e-12 first); τ = 1 returns ``prior`` itself. :meth:`run_chains`,
+        :func:`~diffmic.diffusion.readout.temper_priors` with τ = ``prior_temperature``, i.e.
+        softmax(logits / τ) of the DCG's logits; τ = 1 returns ``prior`` itself. :meth:`run_chains`,
         :meth:`sample_y0` and :meth:`mean_path` take this prior, and training uses the same map.
         """
         if self.prior_temperature == 1.0:
             return prior
-        return (prior.clamp_min(1e-12).log() / self.prior_temperature).softmax(dim=-1)
+        return temper_priors(prior, self.prior_temperature)
 
     def encode(self, x: Tensor, guide: GuidanceOutput) -> Tensor:
         """Denoiser image embedding (B, F), computed once per image."""

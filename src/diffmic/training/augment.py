@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from diffmic.diffusion.readout import temper_priors  # noqa: F401  (re-exported for the training step)
+
 
 def augment_batch(
     x: Tensor,
@@ -40,17 +42,6 @@ def augment_batch(
         grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
         x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     return x
-
-
-def temper_priors(priors: Tensor, temperature: Tensor) -> Tensor:
-    """``softmax(log p / τ)`` row by row: the same class ranking, flattened towards uniform for τ > 1.
-
-    ``priors`` are probabilities ``(B, C)``; ``temperature`` is ``(B,)`` with τ ≥ 1 (τ = 1 returns the
-    prior up to rounding). Probabilities are floored at 1e-12 before the log, so a one-hot prior stays
-    finite.
-    """
-    logits = priors.clamp_min(1e-12).log() / temperature.unsqueeze(1)
-    return logits.softmax(1)
 
 
 def draw_prior_temperatures(n: int, max_temperature: float, *, device: torch.device | str | None = None,
