@@ -63,6 +63,7 @@ ROWS: dict[str, tuple[str, list[str]]] = {
     "aux_all": ("diffmic", ["train.aux_loss=all"]),
     # the diffusion conditions on softmax(DCG logits / 2), in training and at inference (docs/method.md)
     "prior_tau": ("diffmic", ["model.prior_temperature=2"]),
+    "global_w": ("diffmic", ["model.global_weight=0.75"]),
     "no_local": ("diffmic", ["model.local_branch=false"]),  # the paper's ablations, on the config as it is
     "no_mmd": ("diffmic", ["train.mmd_weight=0"]),
     "frozen": ("diffmic", ["train.joint_train=false"]),

@@ -76,6 +76,8 @@ class ModelConfig:
     # The DCG's local branch (ROI crops -> CNN -> gated-attention MIL). false: the paper's ablation
     # "without the local prior": the prior is the global branch alone and no crops are taken.
     local_branch: bool = True
+    # Weight w of the global branch in the DCG's fused logits w·g + (1 − w)·l (0.5: the original's mean).
+    global_weight: float = 0.5
     # The diffusion conditions on, and starts from, softmax(DCG logits / prior_temperature), in training
     # and at inference alike; the DCG's own prior (its cross-entropy, the reported prior) stays at 1.
     # 1: the original. > 1 spreads a confident prior's scores over more of the simplex.
@@ -242,6 +244,9 @@ class DiffMICConfig:
             raise ConfigError(f"eval.chain_noise=qmc sets the starting noise of DDIM chains; diffusion.sampler is "
                               f"{df.sampler!r}, which draws its noise at every step (use random, or sampler ddim)")
         _choice("model.roi_saliency", m.roi_saliency, ("class_sum", "top_class", "prior_weighted"))
+        if not (0.0 <= m.global_weight <= 1.0):
+            raise ConfigError(f"model.global_weight must be in [0, 1] (0.5 = the original's mean), "
+                              f"got {m.global_weight}")
         if not (m.prior_temperature > 0 and math.isfinite(m.prior_temperature)):
             raise ConfigError(f"model.prior_temperature must be a finite number > 0 (1 = off), "
                               f"got {m.prior_temperature}")

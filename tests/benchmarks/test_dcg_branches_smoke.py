@@ -53,7 +53,7 @@ def test_branch_scores_match_the_dcg_and_sklearn(tmp_path: Path) -> None:
 
 @pytest.mark.usefixtures("one_thread")
 def test_model_without_local_branch_has_no_local_column(tmp_path: Path) -> None:
-    model, ckpt = _saved_model(tmp_path, "model.local_branch=false")
+    model, _ = _saved_model(tmp_path, "model.local_branch=false")
     images = torch.rand(6, 1, 28, 28)
     logits = load_benchmark("dcg_branches").branch_logits(model, images, batch_size=4)
     assert set(logits) == {"fused", "global"}

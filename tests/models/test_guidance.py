@@ -254,3 +254,40 @@ def test_without_local_branch_the_prior_is_the_global_branch():
     assert a.corners.shape == (2, 0, 2) and a.attention.shape == (2, 0)
     a.logits.sum().backward()
     assert all(p.grad is not None for p in ablated.parameters())
+
+
+# --------------------------------------------------------------------------- branch fusion weight
+def test_global_weight_sets_the_fused_logits():
+    """model.global_weight: the fused logits are w·g + (1 − w)·l; 0.5 is the original's mean exactly,
+    and w changes nothing but the fusion (same weights, same branches, same crops)."""
+    x = torch.randn(3, 3, 28, 28, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = make_dcg(4, 3, 28).eval()(x)
+        for w in (0.0, 0.75, 1.0):
+            out = make_dcg(4, 3, 28, global_weight=w).eval()(x)
+            assert torch.equal(out.logits_global, ref.logits_global) and torch.equal(out.corners, ref.corners)
+            torch.testing.assert_close(out.logits, w * ref.logits_global + (1 - w) * ref.logits_local)
+    assert torch.equal(ref.logits, 0.5 * (ref.logits_global + ref.logits_local))
+    assert not torch.allclose(ref.logits_global, ref.logits_local)  # else the test could not see w
+
+
+def test_global_weight_reaches_the_model_and_the_checkpoint(tmp_path):
+    from diffmic.config import DiffMICConfig
+    from diffmic.models import build_model, load_model, save_model
+
+    over = ["model.backbone=test_resnet", "model.denoiser_backbone=test_resnet", "model.feature_dim=32",
+            "model.mil_hidden=16", "model.global_weight=0.8"]
+    model = build_model(DiffMICConfig.from_yaml(None, over), num_classes=3, in_chans=1, image_size=28)
+    assert model.guidance.global_weight == 0.8
+    save_model(model, tmp_path / "model.pt")
+    assert load_model(tmp_path / "model.pt").guidance.global_weight == 0.8
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.5])
+def test_global_weight_out_of_range(bad):
+    from diffmic.config import DiffMICConfig
+
+    with pytest.raises(ConfigError, match=r"model.global_weight must be in \[0, 1\]"):
+        DiffMICConfig.from_yaml(None, [f"model.global_weight={bad}"])
+    with pytest.raises(ValueError, match="global_weight"):
+        make_dcg(global_weight=bad)

@@ -45,6 +45,7 @@ def build_model(
         mil_hidden=m.mil_hidden,
         roi_saliency=m.roi_saliency,
         local_branch=m.local_branch,
+        global_weight=m.global_weight,
     )
     if m.share_encoder:
         encoder, encoder_dim = None, guidance.feature_dim

@@ -27,7 +27,7 @@ from diffmic.models.roi import (
 class GuidanceOutput(NamedTuple):
     """What the DCG returns; every field is a tensor on the input's device."""
 
-    logits: Tensor  # fused logits ½(g + l), (B, C)
+    logits: Tensor  # fused logits w·g + (1 − w)·l, w = global_weight (0.5: ½(g + l)), (B, C)
     logits_global: Tensor  # g, (B, C)
     logits_local: Tensor  # l, (B, C)
     saliency: Tensor  # CAM, (B, C, h, w), raw logits
@@ -90,6 +90,8 @@ class DCG(nn.Module):
         local_branch: False drops the local branch (the paper's ablation): no crops are taken
             (``corners``/``attention`` have K = 0 columns), and the fused, global and local logits
             are all the global branch's.
+        global_weight: w of the fused logits w·g + (1 − w)·l; 0.5 is the original's mean ½(g + l).
+            Ignored without the local branch.
     """
 
     def __init__(
@@ -109,6 +111,7 @@ class DCG(nn.Module):
         mil_hidden: int = 128,
         roi_saliency: str = "class_sum",
         local_branch: bool = True,
+        global_weight: float = 0.5,
     ) -> None:
         super().__init__()
         self.num_classes = num_classes
@@ -119,6 +122,9 @@ class DCG(nn.Module):
         self.top_t = top_t
         self.roi_saliency = roi_saliency
         self.local_branch = local_branch
+        if not 0.0 <= global_weight <= 1.0:
+            raise ValueError(f"global_weight must be in [0, 1], got {global_weight}")
+        self.global_weight = float(global_weight)
         if small_input is None:
             small_input = small_input_default(image_size)
         net, dim = create_backbone(backbone, in_chans=in_chans, pretrained=pretrained, small_input=small_input)
@@ -165,7 +171,8 @@ class DCG(nn.Module):
         h = self.local_net(crops).mean(dim=(2, 3)).view(b, self.num_crops, -1)  # (B, K, F_l)
         logits_local, attention = self.mil(h)
         return GuidanceOutput(
-            logits=0.5 * (logits_global + logits_local),
+            logits=0.5 * (logits_global + logits_local) if self.global_weight == 0.5
+            else self.global_weight * logits_global + (1.0 - self.global_weight) * logits_local,
             logits_global=logits_global,
             logits_local=logits_local,
             saliency=cam,
