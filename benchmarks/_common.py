@@ -158,6 +158,15 @@ def for_each_model(script: str, paths: list[Path], body: Callable[[Path, Any, An
     return 0
 
 
+def print_scores(path: Path, per_split: dict[str, dict[str, dict[str, float]]], width: int) -> None:
+    """Print ``{split: {column: {"acc", "auroc"}}}`` of one model as a table, one row per split."""
+    cols = list(next(iter(per_split.values())))
+    print(f"{path}")
+    print("  split  " + "  ".join(f"{c:>{width}}" for c in cols))
+    for split, r in per_split.items():
+        print(f"  {split:<5}  " + "  ".join(f"{r[c]['acc']:.3f} / {r[c]['auroc']:.3f}".rjust(width) for c in cols))
+
+
 def split_tensors(split: Any):
     """A split's images as float (N, C, H, W) in [0, 1] and its labels as long (N,)."""
     return torch.from_numpy(split.images).permute(0, 3, 1, 2).float() / 255.0, torch.from_numpy(split.labels).long()

@@ -68,11 +68,7 @@ def main(argv: list[str] | None = None) -> int:
             images, labels = common.split_tensors(getattr(data, split))
             per_split[split] = branch_scores(model, images, labels, batch_size=args.batch_size)
         result["models"][str(path)] = per_split
-        cols = list(next(iter(per_split.values())))
-        print(f"{path}")
-        print("  split  " + "  ".join(f"{c:>13}" for c in cols))
-        for split, r in per_split.items():
-            print(f"  {split:<5}  " + "  ".join(f"{r[c]['acc']:.3f} / {r[c]['auroc']:.3f}".rjust(13) for c in cols))
+        common.print_scores(path, per_split, 13)
 
     if common.for_each_model("dcg_branches", args.models, each):
         return 1

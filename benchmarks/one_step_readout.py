@@ -169,11 +169,7 @@ def main(argv: list[str] | None = None) -> int:
                                         vote_chains=args.vote_chains, residuals=residuals.setdefault(split, {}))
         result["models"][str(path)] = per_split
         result["residuals"][str(path)] = residuals
-        cols = list(next(iter(per_split.values())))
-        print(f"{path}")
-        print("  split  " + "  ".join(f"{c:>16}" for c in cols))
-        for split, r in per_split.items():
-            print(f"  {split:<5}  " + "  ".join(f"{r[c]['acc']:.3f} / {r[c]['auroc']:.3f}".rjust(16) for c in cols))
+        common.print_scores(path, per_split, 16)
         for split, r in residuals.items():
             print(f"  {split:<5}  mean path − prior: sd {r['sd']:.4f}, toward the label {r['toward_label']:+.4f}")
 

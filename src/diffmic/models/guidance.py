@@ -170,7 +170,7 @@ class DCG(nn.Module):
         crops = crop_batch(x, corners, crop).flatten(0, 1)  # (B*K, C_in, ch, cw)
         h = self.local_net(crops).mean(dim=(2, 3)).view(b, self.num_crops, -1)  # (B, K, F_l)
         logits_local, attention = self.mil(h)
-        return GuidanceOutput(
+        return GuidanceOutput(  # w = 0.5 keeps the original's expression, bit for bit (saved models, ONNX parity)
             logits=0.5 * (logits_global + logits_local) if self.global_weight == 0.5
             else self.global_weight * logits_global + (1.0 - self.global_weight) * logits_local,
             logits_global=logits_global,
